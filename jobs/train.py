@@ -1,0 +1,276 @@
+"""``aejob train denoiser``: residual U-Net training on random photo patches.
+
+The loop (``train_loop``) is one function that runs either under Ray Train's TorchTrainer
+(``--workers N``: DDP over N CPU/GPU workers on a cluster) or in-process (``--workers 0``, for
+quick local runs and tests). Only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import checkpoint, registry
+from models.data import load_rgb, photo_split
+from models.noise import add_awgn_uint8, degrade
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "resunet-denoiser"
+    preset: str = "base"
+    steps: int = 6000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    pixels_per_batch: int = 32 * 64 * 64  # batch size scales with the patch size
+    patch_sizes: tuple[int, ...] = (64, 96, 128)
+    sigma_max: float = 55.0
+    seed: int = 0
+    threads: int = 0  # 0: torch default
+    eval_every: int = 250
+    save_every: int = 250
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+    resume: str = ""
+    release: str = ""  # also write a float16 release checkpoint here at the end
+    limit_images: int = 0  # tests: use only the first N training images
+    eval_crop: int = 256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warmup = 100
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+class PatchSampler:
+    """Random crops with flips and 90° rotations from images held in memory."""
+
+    def __init__(self, images: list[np.ndarray], seed: int) -> None:
+        self.images = images
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int, n: int) -> torch.Tensor:
+        out = np.empty((n, size, size, 3), np.uint8)
+        for i in range(n):
+            img = self.images[self.rng.integers(len(self.images))]
+            h, w = img.shape[:2]
+            y, x = self.rng.integers(0, h - size + 1), self.rng.integers(0, w - size + 1)
+            p = img[y : y + size, x : x + size]
+            p = np.rot90(p, self.rng.integers(4))
+            if self.rng.random() < 0.5:
+                p = p[:, ::-1]
+            out[i] = p
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
+
+
+def holdout_set(data: str, crop: int, sigma: float = 25.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Center crops of the held-out photos with fixed-seed clipped AWGN: (noisy, clean)."""
+    pairs = []
+    for i, p in enumerate(photo_split(data, "holdout")):
+        img = load_rgb(p)
+        h, w = img.shape[:2]
+        c = min(crop, h, w) // 8 * 8
+        y, x = (h - c) // 2, (w - c) // 2
+        clean = img[y : y + c, x : x + c]
+        noisy = add_awgn_uint8(clean, sigma, seed=1000 + i)
+        t = lambda a: torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+        pairs.append((t(noisy), t(clean)))
+    return pairs
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a8 = torch.round(a.clamp(0, 1) * 255)
+    b8 = torch.round(b.clamp(0, 1) * 255)
+    mse = float(((a8 - b8) ** 2).mean())
+    return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def evaluate(model: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    model.eval()
+    with torch.inference_mode():
+        vals = [psnr(model(noisy), clean) for noisy, clean in pairs]
+    model.train()
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _restore_optim(opt: torch.optim.Optimizer, extras: dict[str, torch.Tensor]) -> bool:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in extras.items():
+        _, i, name = k.split(".", 2)
+        state.setdefault(int(i), {})[name] = v
+    if not state:
+        return False
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return True
+
+
+def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    cfg = TrainConfig(**{**cfg_dict, "patch_sizes": tuple(cfg_dict["patch_sizes"])})
+    rank, world = 0, 1
+    try:  # under Ray Train
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        in_ray = True
+    except Exception:
+        in_ray = False
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    files = photo_split(cfg.data, "train")
+    if cfg.limit_images:
+        files = files[: cfg.limit_images]
+    if not files:
+        raise SystemExit(f"no training photos (001–040) in {cfg.data}")
+    images = [load_rgb(p) for p in files]
+    sampler = PatchSampler(images, seed=cfg.seed * 1000 + rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
+    eval_pairs = holdout_set(cfg.data, cfg.eval_crop) if rank == 0 else []
+
+    step, curve, history_minutes = 0, [], 0.0
+    if cfg.resume:
+        ck = checkpoint.load(cfg.resume)
+        model = ck.model
+        config = ck.config
+        step = int(ck.meta.get("steps", 0))
+        curve = list(ck.meta.get("curve", []))
+        history_minutes = float(ck.meta.get("train_minutes", 0.0))
+        log.info("resumed %s at step %d", cfg.resume, step)
+    else:
+        config = registry.make_config(cfg.model, cfg.preset)
+        model = registry.build(cfg.model, config)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.resume:
+        extras = ck.meta.get("_extra_tensors", {})
+        if _restore_optim(opt, extras):
+            log.info("optimizer state restored")
+    ddp_model: torch.nn.Module = model
+    if in_ray and world > 1:
+        ddp_model = ray.train.torch.prepare_model(model)
+
+    t0 = time.time()
+    losses: list[float] = []
+
+    def save(tag: str, dtype: torch.dtype | None = None, path: Path | None = None) -> None:
+        meta = {
+            "kind": "denoiser",
+            "steps": step,
+            "train_minutes": history_minutes + (time.time() - t0) / 60,
+            "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+            "training_data": {
+                "folder": os.path.basename(os.path.normpath(cfg.data)),
+                "files": [p.name for p in files],
+                "holdout": [p.name for p in photo_split(cfg.data, "holdout")],
+            },
+            "metrics": {"holdout_psnr_sigma25": curve[-1]["holdout_psnr"] if curve else None},
+            "curve": curve,
+        }
+        target = path or out / tag
+        extra = _optim_tensors(opt) if dtype is None else None
+        checkpoint.save(target, cfg.model, config, model, meta, dtype=dtype, extra_tensors=extra)
+
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    while step < cfg.steps and time.time() < deadline:
+        size = cfg.patch_sizes[step % len(cfg.patch_sizes)]
+        n = max(1, cfg.pixels_per_batch // (size * size))
+        clean = sampler.batch(size, n)
+        noisy, cond = degrade(clean, gen, sigma_max=cfg.sigma_max)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = F.l1_loss(ddp_model(noisy, cond), clean)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            point = {
+                "step": step,
+                "minutes": round(history_minutes + (time.time() - t0) / 60, 2),
+                "loss": round(float(np.mean(losses)), 5),
+                "lr": lr_at(step, cfg),
+            }
+            losses = []
+            if rank == 0:
+                point["holdout_psnr"] = round(evaluate(model, eval_pairs), 3)
+                curve.append(point)
+                log.info("step %d %s", step, json.dumps(point))
+            if in_ray:
+                ray.train.report(point)
+        if rank == 0 and step % cfg.save_every == 0:
+            save("last")
+    if rank == 0:
+        if not curve or curve[-1]["step"] != step:
+            point = {"step": step, "minutes": round(history_minutes + (time.time() - t0) / 60, 2),
+                     "loss": round(float(np.mean(losses)) if losses else float("nan"), 5),
+                     "holdout_psnr": round(evaluate(model, eval_pairs), 3)}
+            curve.append(point)
+        save("last")
+        if cfg.release:
+            save("release", dtype=torch.float16, path=Path(cfg.release))
+    return {"steps": step, "curve": curve}
+
+
+def run(cfg: TrainConfig, workers: int, use_gpu: bool = False) -> dict[str, Any]:
+    """Train in-process (workers=0) or on Ray Train with ``workers`` DDP workers."""
+    if "CBSD68" in os.path.abspath(cfg.data):
+        raise SystemExit("CBSD68 is for evaluation only: never train on it")
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict["data"] = os.path.abspath(cfg.data)
+    cfg_dict["out"] = os.path.abspath(cfg.out)
+    if cfg.resume:
+        cfg_dict["resume"] = os.path.abspath(cfg.resume)
+    if cfg.release:
+        cfg_dict["release"] = os.path.abspath(cfg.release)
+    if workers <= 0:
+        return train_loop(cfg_dict)
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    per_worker = max(1, cfg.threads or 1)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg_dict,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}
+        ),
+        run_config=RunConfig(storage_path=os.path.join(cfg_dict["out"], "ray"), name="train"),
+    )
+    result = trainer.fit()
+    return {"metrics": result.metrics}
