@@ -103,6 +103,16 @@ class ResUNetDenoiser(nn.Module):
         noise = F.pixel_shuffle(self.tail(h), r)
         return x - noise, bottleneck
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder only (blind): the latent the embedding is pooled from."""
+        z = F.pixel_unshuffle(x, self.config.unshuffle)
+        h = self.head(torch.cat([z, self._cond(z, None)], 1))
+        for i, enc in enumerate(self.enc):
+            h = enc(h)
+            if i < len(self.down):
+                h = self.down[i](h)
+        return h
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         return self.features(x, sigma)[0]
 

@@ -1,0 +1,76 @@
+"""``aejob clean``: denoise every image of SRC into a Parquet dataset at DST."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from models import checkpoint
+from pipeline import decode, encode, infer, runner, writer
+from pipeline.batch import normalize
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    src: str
+    dst: str
+    format: str = "png"
+    quality: int | None = None
+    sigma: float | None = None  # None: blind (auto)
+    checkpoint: str = infer.DEFAULT_DENOISER
+    image_column: str = "image"
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    shard_size: int = 256
+    max_error_rate: float = 1.0
+    limit: int = 0
+    overwrite: bool = False
+    device: str = "auto"
+    tile: int = 512
+
+
+def prepare_batch(batch: Batch, options: decode.DecodeOptions) -> Batch:
+    """CPU stage: decode + validate, then estimate each image's noise level."""
+    return infer.estimate_noise_batch(normalize(decode.decode_batch(normalize(batch), options)))
+
+
+def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
+    ck_path = checkpoint.resolve(cfg.checkpoint)
+    meta = checkpoint.read_meta(ck_path)
+    enc = encode.EncodeOptions(cfg.format, cfg.quality)
+    fingerprint: dict[str, Any] = {
+        "job": "clean",
+        "format": cfg.format,
+        "quality": enc.resolved_quality(),
+        "sigma": "auto" if cfg.sigma is None else float(cfg.sigma),
+        "model": meta["name"],
+        "checkpoint_sha256": meta["sha256"],
+        "image_column": cfg.image_column,
+        "max_pixels": cfg.max_pixels,
+    }
+    dim = int(meta["config"]["channels"][-1])
+    return runner.JobSpec(
+        job="clean",
+        src=cfg.src,
+        dst=cfg.dst,
+        schema=writer.clean_schema(dim),
+        fingerprint=fingerprint,
+        prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
+        actor_cls=infer.DenoiseActor,
+        actor_kwargs={"checkpoint_ref": str(ck_path), "sigma": cfg.sigma, "device": cfg.device,
+                      "tile": cfg.tile},
+        post=partial(encode.encode_batch, options=enc),
+        image_column=cfg.image_column,
+        shard_size=cfg.shard_size,
+        max_error_rate=cfg.max_error_rate,
+        limit=cfg.limit,
+        overwrite=cfg.overwrite,
+        ray=ray_opts,
+        model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
+                    "steps": meta.get("steps"), "metrics": meta.get("metrics")},
+        config={**asdict(cfg), "checkpoint": str(ck_path), "quality": enc.resolved_quality()},
+    )

@@ -1,0 +1,375 @@
+"""Learned image codec: bmshj2018-factorized (Ballé et al. 2018, "factorized prior") made
+variable-rate, plus the engine the pipeline uses to compress and decompress images.
+
+Architecture (as CompressAI's ``FactorizedPrior``, sized for CPU by the presets):
+analysis ``g_a`` = ``stages`` stride-2 5x5 convolutions with GDN between them, synthesis
+``g_s`` = the mirror image with transposed convolutions and inverse GDN; downsampling factor
+``2**stages`` (16). Latents are coded with a factorized (per-channel, i.i.d. over space)
+learned density — no side information.
+
+Variable rate with one model: quality q scales the latent by a learned per-channel gain
+vector before rounding and by a separate learned inverse gain after it ("asymmetric gained"
+units, Cui et al. 2021), and has its own factorized density (a few parameters per channel),
+since one density cannot fit latents whose spread changes with the gain. One training run
+covers all ``len(lambdas)`` rate points; ``quality`` 1..N, higher = more bits, as in
+CompressAI.
+
+Quantization: training uses additive uniform noise for the rate term and straight-through
+rounding around the channel medians for the decoder input ("mixed" quantization, Minnen &
+Singh 2020); coding uses ``round(z - median)`` symbols with integer tables stored with the
+checkpoint (see ``models/entropy.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import bitstream
+from models.entropy import (
+    DEFAULT_PRECISION,
+    EntropyCodingError,
+    EntropyTables,
+    FactorizedDensity,
+    build_tables,
+    decode_symbols,
+    encode_symbols,
+    lower_bound,
+)
+
+NAME = "factorized-codec"
+# CompressAI's bmshj2018 λ for qualities 1..6 (loss = λ·255²·MSE + bpp, x in [0, 1]).
+DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    channels: int = 128  # N: hidden channels of g_a / g_s
+    latent_channels: int = 192  # M: channels of the coded latent y
+    stages: int = 4  # stride-2 stages: downsampling factor 2**stages
+    kernel: int = 5
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # one rate point per quality, increasing
+    default_quality: int = 4
+    filters: tuple[int, ...] = (3, 3, 3)  # hidden widths of the per-channel density MLP
+    tail_mass: float = 1e-9  # coding tables cover all but this mass; the rest escapes
+    max_half_range: int = 1024
+    precision: int = DEFAULT_PRECISION  # bits of the integer CDF tables
+
+    @property
+    def num_qualities(self) -> int:
+        return len(self.lambdas)
+
+    @property
+    def multiple(self) -> int:
+        return 2**self.stages
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.latent_channels
+
+    def __post_init__(self) -> None:
+        if self.stages < 1 or self.channels < 1 or self.latent_channels < 1:
+            raise ValueError("stages, channels and latent_channels must be positive")
+        if not self.lambdas or any(b <= a for a, b in zip(self.lambdas, self.lambdas[1:], strict=False)):
+            raise ValueError(f"lambdas must be non-empty and increasing: {self.lambdas}")
+        if not 1 <= self.default_quality <= len(self.lambdas):
+            raise ValueError(f"default_quality {self.default_quality} not in 1..{len(self.lambdas)}")
+
+
+class GDN(nn.Module):
+    """Generalized divisive normalization (Ballé et al. 2016):
+    ``y_i = x_i / sqrt(beta_i + sum_j gamma_ij x_j^2)``; ``inverse=True`` multiplies instead.
+
+    beta and gamma are kept non-negative by the reparametrization ``p = max(v, bound)**2 - pedestal``
+    (with a gradient that still pushes values up from the bound), as in CompressAI.
+    """
+
+    def __init__(
+        self, channels: int, inverse: bool = False, beta_min: float = 1e-6,
+        gamma_init: float = 0.1, reparam_offset: float = 2**-18,
+    ) -> None:
+        super().__init__()
+        self.inverse = inverse
+        self.pedestal = reparam_offset**2
+        self.beta_bound = (beta_min + self.pedestal) ** 0.5
+        self.gamma_bound = reparam_offset
+        self.beta = nn.Parameter(torch.sqrt(torch.ones(channels) + self.pedestal))
+        gamma = gamma_init * torch.eye(channels)
+        self.gamma = nn.Parameter(torch.sqrt(gamma + self.pedestal))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        beta = lower_bound(self.beta, self.beta_bound) ** 2 - self.pedestal
+        gamma = lower_bound(self.gamma, self.gamma_bound) ** 2 - self.pedestal
+        c = gamma.shape[0]
+        norm = F.conv2d(x * x, gamma.reshape(c, c, 1, 1), beta)
+        return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=2, padding=k // 2)
+
+
+def _deconv(cin: int, cout: int, k: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(cin, cout, k, stride=2, padding=k // 2, output_padding=1)
+
+
+class FactorizedCodec(nn.Module):
+    def __init__(self, config: CodecConfig = CodecConfig()) -> None:
+        super().__init__()
+        self.config = config
+        n, m, k, s = config.channels, config.latent_channels, config.kernel, config.stages
+        enc: list[nn.Module] = []
+        dec: list[nn.Module] = []
+        for i in range(s):
+            enc.append(_conv(3 if i == 0 else n, m if i == s - 1 else n, k))
+            dec.append(_deconv(m if i == 0 else n, 3 if i == s - 1 else n, k))
+            if i < s - 1:
+                enc.append(GDN(n))
+                dec.append(GDN(n, inverse=True))
+        self.g_a = nn.Sequential(*enc)
+        self.g_s = nn.Sequential(*dec)
+        lam = torch.tensor(config.lambdas, dtype=torch.float32)
+        # Uniform quantization: distortion ~ step**2 and optimal step**2 ~ 1/λ, so gain ~ sqrt(λ).
+        log_gain = (0.5 * torch.log(lam / lam.max()))[:, None].repeat(1, m)
+        self.log_gain = nn.Parameter(log_gain)
+        self.log_inv_gain = nn.Parameter(-log_gain.clone())
+        self.density = FactorizedDensity(m, groups=config.num_qualities, filters=config.filters)
+        self.tables: EntropyTables | None = None  # integer coding tables (from the checkpoint)
+
+    # ---------------------------------------------------------------- training
+    def _quality_index(self, quality: int | torch.Tensor, n: int) -> torch.Tensor:
+        q = torch.as_tensor(quality, dtype=torch.long).reshape(-1)
+        if q.numel() == 1:
+            q = q.expand(n)
+        if q.numel() != n:
+            raise ValueError(f"{q.numel()} qualities for a batch of {n}")
+        if q.min() < 1 or q.max() > self.config.num_qualities:
+            raise ValueError(f"quality must be in 1..{self.config.num_qualities}")
+        return q - 1
+
+    def forward(self, x: torch.Tensor, quality: int | torch.Tensor) -> dict[str, Any]:
+        """x: (N, 3, H, W) in [0, 1], H and W multiples of ``config.multiple``; quality: an int
+        or (N,) ints in 1..num_qualities. Returns ``{"x_hat", "likelihoods": {"y"}}``."""
+        q = self._quality_index(quality, x.shape[0])
+        y = self.g_a(x)
+        z = y * torch.exp(self.log_gain[q])[:, :, None, None]
+        med = self.density.medians().to(z.device)[q][:, :, None, None]
+        z_round = torch.round(z - med) + med
+        if self.training:
+            z_rate = z + torch.empty_like(z).uniform_(-0.5, 0.5)
+            z_hat = z + (z_round - z).detach()
+        else:
+            z_rate = z_hat = z_round
+        lik = self.density.likelihood(z_rate, q)
+        y_hat = z_hat * torch.exp(self.log_inv_gain[q])[:, :, None, None]
+        return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": lik}}
+
+    # ---------------------------------------------------------------- coding
+    def update_tables(self) -> EntropyTables:
+        """(Re)build the integer coding tables from the current density."""
+        c = self.config
+        self.tables = build_tables(self.density, c.tail_mass, c.max_half_range, c.precision)
+        return self.tables
+
+    def _rows(self, quality: int) -> EntropyTables:
+        if self.tables is None:
+            raise RuntimeError("no entropy tables: load a codec checkpoint or call update_tables()")
+        m = self.config.latent_channels
+        return self.tables.select((quality - 1) * m, quality * m)
+
+    def _check_quality(self, quality: int) -> int:
+        if isinstance(quality, bool) or int(quality) != quality:
+            raise ValueError(f"quality must be an integer, got {quality!r}")
+        if not 1 <= quality <= self.config.num_qualities:
+            raise ValueError(f"quality {quality} not in 1..{self.config.num_qualities}")
+        return int(quality)
+
+    def pad(self, img: np.ndarray) -> tuple[torch.Tensor, int, int]:
+        """uint8 HxWx3 → (1, 3, H', W') float in [0, 1], replicate-padded to the multiple."""
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
+        h, w = img.shape[:2]
+        if h < 1 or w < 1:
+            raise ValueError(f"empty image {img.shape}")
+        mult = self.config.multiple
+        pb, pr = (-h) % mult, (-w) % mult
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
+        if pb or pr:
+            x = F.pad(x, (0, pr, 0, pb), mode="replicate")
+        return x, pb, pr
+
+    @torch.inference_mode()
+    def compress(self, img: np.ndarray, quality: int, sha256: str = "") -> bytes:
+        """Encode a uint8 HxWx3 image at ``quality``; ``sha256`` identifies the checkpoint."""
+        quality = self._check_quality(quality)
+        rows = self._rows(quality)
+        x, pb, pr = self.pad(img)
+        y = self.g_a(x)[0]
+        z = y * torch.exp(self.log_gain[quality - 1])[:, None, None]
+        med = torch.from_numpy(rows.medians)[:, None, None]
+        sym = torch.round(z - med)
+        if not torch.isfinite(sym).all():
+            raise EntropyCodingError("non-finite latents")
+        sym_np = sym.clamp(-(2**30), 2**30).to(torch.int32).numpy()
+        payload = encode_symbols(sym_np, rows)
+        header = bitstream.Header(
+            model=NAME, sha256_prefix=bitstream.Header.sha_prefix(sha256), quality=quality,
+            width=img.shape[1], height=img.shape[0], pad_bottom=pb, pad_right=pr,
+            latent_shape=tuple(sym_np.shape),  # type: ignore[arg-type]
+        )
+        return bitstream.pack(header, payload)
+
+    def parse(self, data: bytes, sha256: str | None = None) -> tuple[bitstream.Header, bytes]:
+        """Unpack and validate a stream against this model (and checkpoint, if given)."""
+        header, payload = bitstream.unpack(data)
+        if header.model != NAME:
+            raise bitstream.BitstreamError(f"stream was made by model {header.model!r}, not {NAME!r}")
+        if sha256 is not None and header.sha256_prefix != bitstream.Header.sha_prefix(sha256):
+            raise bitstream.BitstreamError(
+                f"stream was encoded with checkpoint {header.sha256_prefix.hex()}…, "
+                f"but the loaded checkpoint is {sha256[:16]}…: decode with the same checkpoint"
+            )
+        if not 1 <= header.quality <= self.config.num_qualities:
+            raise bitstream.BitstreamError(
+                f"quality {header.quality} not in 1..{self.config.num_qualities}")
+        mult = self.config.multiple
+        hp, wp = header.height + header.pad_bottom, header.width + header.pad_right
+        expect = (self.config.latent_channels, hp // mult, wp // mult)
+        if (hp % mult or wp % mult or header.pad_bottom >= mult or header.pad_right >= mult
+                or header.latent_shape != expect):
+            raise bitstream.BitstreamError(
+                f"inconsistent header: image {header.width}x{header.height} padded by "
+                f"{header.pad_right},{header.pad_bottom} with latent {header.latent_shape}")
+        return header, payload
+
+    @torch.inference_mode()
+    def decompress(self, data: bytes, sha256: str | None = None) -> np.ndarray:
+        """Decode a stream to a uint8 HxWx3 image (``sha256``: check the checkpoint id)."""
+        header, payload = self.parse(data, sha256)
+        rows = self._rows(header.quality)
+        try:
+            sym = decode_symbols(payload, rows, header.latent_shape)
+        except EntropyCodingError as e:
+            raise bitstream.BitstreamError(f"corrupted stream: {e}") from e
+        z_hat = torch.from_numpy(sym).float() + torch.from_numpy(rows.medians)[:, None, None]
+        y_hat = z_hat * torch.exp(self.log_inv_gain[header.quality - 1])[:, None, None]
+        x_hat = self.g_s(y_hat[None])[0, :, : header.height, : header.width]
+        out = torch.round(x_hat.clamp(0, 1) * 255).to(torch.uint8)
+        return out.permute(1, 2, 0).contiguous().numpy()
+
+    @torch.inference_mode()
+    def embed(self, img: np.ndarray) -> np.ndarray:
+        """L2-normalised global average of the latent y: float32 [latent_channels]."""
+        x, _, _ = self.pad(img)
+        v = self.g_a(x).mean(dim=(2, 3))
+        return F.normalize(v, dim=1)[0].numpy().astype(np.float32)
+
+
+def macs_per_pixel(model: FactorizedCodec, size: int = 64) -> dict[str, float]:
+    """Multiply-adds per image pixel of the encoder (g_a) and decoder (g_s), counted from the
+    convolutions and GDN layers on a ``size``x``size`` input (entropy coding not included)."""
+    counts = {"encoder": 0.0, "decoder": 0.0}
+    hooks = []
+
+    def hook(part: str) -> Any:
+        def fn(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if isinstance(mod, nn.Conv2d):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                counts[part] += out.numel() * k
+            elif isinstance(mod, nn.ConvTranspose2d):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.out_channels // mod.groups
+                counts[part] += inp[0].numel() * k
+            elif isinstance(mod, GDN):
+                counts[part] += out.numel() * mod.beta.numel()
+        return fn
+
+    for part, seq in (("encoder", model.g_a), ("decoder", model.g_s)):
+        for mod in seq.modules():
+            if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, GDN)):
+                hooks.append(mod.register_forward_hook(hook(part)))
+    try:
+        with torch.inference_mode():
+            x = torch.zeros(1, 3, size, size)
+            model.g_s(model.g_a(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / (size * size) for k, v in counts.items()}
+
+
+def param_count(model: nn.Module, part: str = "") -> int:
+    mod = getattr(model, part) if part else model
+    return sum(p.numel() for p in mod.parameters())
+
+
+class CodecEngine:
+    """Load a codec checkpoint once; compress/decompress/embed uint8 HxWx3 images."""
+
+    def __init__(self, checkpoint_ref: str, threads: int = 0, device: str = "cpu") -> None:
+        from models import checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        ck = checkpoint.load(checkpoint_ref, map_location="cpu")
+        if not isinstance(ck.model, FactorizedCodec):
+            raise checkpoint.CheckpointError(f"{checkpoint_ref}: {ck.name} is not a codec")
+        try:
+            ck.model.tables = EntropyTables.from_tensors(ck.meta.get("_extra_tensors", {}))
+        except EntropyCodingError as e:
+            raise checkpoint.CheckpointError(f"{checkpoint_ref}: {e}") from e
+        expect = ck.config.num_qualities * ck.config.latent_channels
+        if ck.model.tables.rows != expect:
+            raise checkpoint.CheckpointError(
+                f"{checkpoint_ref}: entropy tables have {ck.model.tables.rows} rows, expected {expect}")
+        self.device = torch.device(device)
+        self.model: FactorizedCodec = ck.model.to(self.device).eval()
+        if self.device.type != "cpu":
+            raise ValueError("the codec engine runs on CPU (entropy coding is on CPU anyway)")
+        self.name = ck.name
+        self.sha256 = ck.sha256
+        self.path = ck.path
+        self.config: CodecConfig = ck.config
+        self.qualities = list(range(1, ck.config.num_qualities + 1))
+        self.default_quality = ck.config.default_quality
+        self.embedding_dim = ck.config.embedding_dim
+
+    def compress(self, img: np.ndarray, quality: int | None = None) -> bytes:
+        q = self.default_quality if quality is None else quality
+        return self.model.compress(img, q, sha256=self.sha256)
+
+    def decompress(self, data: bytes) -> np.ndarray:
+        return self.model.decompress(data, sha256=self.sha256)
+
+    def embed(self, img: np.ndarray) -> np.ndarray:
+        return self.model.embed(img)
+
+
+def bpp(data: bytes, width: int, height: int) -> float:
+    return len(data) * 8 / (width * height)
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def register_all(register: Any, entry_cls: Any) -> None:
+    register(
+        entry_cls(
+            name=NAME,
+            kind="codec",
+            config_cls=CodecConfig,
+            factory=FactorizedCodec,
+            presets={
+                "tiny": {"channels": 8, "latent_channels": 8, "filters": (3,)},
+                "small": {"channels": 64, "latent_channels": 96},
+                "base": {"channels": 128, "latent_channels": 192},
+            },
+        )
+    )

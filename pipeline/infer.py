@@ -1,0 +1,226 @@
+"""Model stage: the denoiser as a Ray Data callable class, and the engine it wraps.
+
+The engine pads every image to the model's downsampling multiple and cuts large images into
+overlapping tiles, so memory is bounded by the tile size whatever the input size; tiles of all
+images in a batch are grouped by shape and run in mini-batches. The embedding is the encoder's
+bottleneck, pooled, on the cleaned image resized to a fixed size (so it does not depend on
+tiling or resolution).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import checkpoint
+from pipeline.batch import normalize, objects
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DENOISER = "denoiser-base"
+EMBED_SIZE = 256
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def estimate_sigma(img: np.ndarray, crop: int = 512) -> float:
+    """Noise sigma (0–255 units) of a uint8 RGB image: wavelet MAD (scikit-image), centre crop.
+
+    Textured clean images read a few units high; it is a report and a guide, not the model's
+    input (the model runs blind unless ``--sigma`` is given).
+    """
+    from skimage.restoration import estimate_sigma as _est
+
+    h, w = img.shape[:2]
+    if h < 8 or w < 8:
+        return 0.0
+    y, x = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+    c = img[y : y + crop, x : x + crop].astype(np.float32)
+    return float(_est(c, channel_axis=-1, average_sigmas=True))
+
+
+@dataclass(frozen=True)
+class Tile:
+    image: int
+    y: int
+    x: int
+    h: int
+    w: int
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    step = tile - 2 * overlap
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+class DenoiseEngine:
+    def __init__(
+        self,
+        checkpoint_ref: str = DEFAULT_DENOISER,
+        device: str = "auto",
+        threads: int = 0,
+        tile: int = 512,
+        overlap: int = 32,
+        batch_size: int = 4,
+        amp: bool = True,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        ck = checkpoint.load(checkpoint_ref, map_location="cpu")
+        self.model = ck.model.to(self.device).eval()
+        self.name = ck.name
+        self.sha256 = ck.sha256
+        self.meta = ck.meta
+        self.multiple = int(ck.config.multiple)
+        self.tile = max(self.multiple, tile // self.multiple * self.multiple)
+        self.overlap = overlap
+        self.batch_size = max(1, batch_size)
+        self.amp = amp and self.device.type == "cuda"
+        self.embedding_dim = int(ck.config.embedding_dim)
+        self.embedding_model = f"{self.name}:bottleneck-avg@{EMBED_SIZE}:{self.sha256[:12]}"
+
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255)
+
+    @torch.inference_mode()
+    def denoise(
+        self, images: list[np.ndarray], sigma: float | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Denoise uint8 HxWx3 images; returns (cleaned uint8 images, embeddings [N, D])."""
+        m = self.multiple
+        padded: list[torch.Tensor] = []
+        tiles: list[Tile] = []
+        for i, img in enumerate(images):
+            h, w = img.shape[:2]
+            ph, pw = -h % m, -w % m
+            t = self._to_tensor(img)[None]
+            if ph or pw:
+                t = F.pad(t, (0, pw, 0, ph), mode="replicate")
+            padded.append(t[0])
+            H, W = h + ph, w + pw
+            th, tw = min(self.tile, H), min(self.tile, W)
+            for y in tile_starts(H, th, self.overlap):
+                for x in tile_starts(W, tw, self.overlap):
+                    tiles.append(Tile(i, y, x, th, tw))
+        outputs = [torch.empty_like(p) for p in padded]
+        by_shape: dict[tuple[int, int], list[Tile]] = {}
+        for t in tiles:
+            by_shape.setdefault((t.h, t.w), []).append(t)
+        for group in by_shape.values():
+            for j in range(0, len(group), self.batch_size):
+                chunk = group[j : j + self.batch_size]
+                x = torch.stack([padded[t.image][:, t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk])
+                s = None if sigma is None else torch.full((len(chunk),), float(sigma))
+                with self._autocast():
+                    y = self.model(x.to(self.device), None if s is None else s.to(self.device))
+                y = y.float().cpu()
+                for t, out in zip(chunk, y):
+                    H, W = padded[t.image].shape[1:]
+                    # keep each tile's inner part; edges of the image keep the tile's edge
+                    y0 = 0 if t.y == 0 else self.overlap
+                    x0 = 0 if t.x == 0 else self.overlap
+                    y1 = t.h if t.y + t.h >= H else t.h - self.overlap
+                    x1 = t.w if t.x + t.w >= W else t.w - self.overlap
+                    outputs[t.image][:, t.y + y0 : t.y + y1, t.x + x0 : t.x + x1] = out[:, y0:y1, x0:x1]
+        cleaned = []
+        for img, out in zip(images, outputs):
+            h, w = img.shape[:2]
+            arr = out[:, :h, :w].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+            cleaned.append(arr.permute(1, 2, 0).contiguous().numpy())
+        return cleaned, self.embed(cleaned)
+
+    @torch.inference_mode()
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        x = torch.stack([
+            F.interpolate(self._to_tensor(img)[None], size=(EMBED_SIZE, EMBED_SIZE),
+                          mode="bilinear", antialias=True, align_corners=False)[0]
+            for img in images
+        ])
+        with self._autocast():
+            b = self.model.bottleneck(x.to(self.device))
+        return self.model.embed(b).cpu().numpy().astype(np.float32)
+
+    def denoise_one(self, img: np.ndarray, sigma: float | None = None) -> np.ndarray:
+        return self.denoise([img], sigma)[0][0]
+
+
+def pixels_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
+
+
+def ok_rows(batch: dict[str, np.ndarray]) -> list[int]:
+    return [
+        i for i in range(len(batch["key"]))
+        if batch["status"][i] == "ok" and batch["kind"][i] == "item" and batch["pixels"][i] is not None
+    ]
+
+
+def estimate_noise_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CPU stage: the ``noise_sigma`` column (NaN for rows that are not decoded images)."""
+    sig = np.full(len(batch["key"]), np.nan, dtype=np.float32)
+    for i in ok_rows(batch):
+        sig[i] = estimate_sigma(pixels_of(batch, i))
+    batch["noise_sigma"] = sig
+    return batch
+
+
+class DenoiseActor:
+    """Ray Data callable class: loads the checkpoint once, denoises decoded rows in place."""
+
+    def __init__(
+        self,
+        checkpoint_ref: str = DEFAULT_DENOISER,
+        sigma: float | None = None,
+        threads: int = 0,
+        device: str = "auto",
+        tile: int = 512,
+        batch_size: int = 4,
+    ) -> None:
+        # Fractional-CPU actors get OMP_NUM_THREADS=1 from Ray; set torch's threads ourselves.
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=threads, tile=tile,
+                                    batch_size=batch_size)
+        self.sigma = sigma
+        log.info("denoiser %s on %s, %d threads", self.engine.name, self.engine.device,
+                 torch.get_num_threads())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = normalize(batch)
+        n = len(batch["key"])
+        idx = ok_rows(batch)
+        emb: list[object] = [None] * n
+        pixels = list(batch["pixels"])
+        if idx:
+            cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], self.sigma)
+            for j, i in enumerate(idx):
+                pixels[i] = cleaned[j].tobytes()
+                emb[i] = vecs[j]
+        batch["pixels"] = objects(pixels)
+        batch["embedding"] = objects(emb)
+        batch["embedding_model"] = objects([self.engine.embedding_model if e is not None else None for e in emb])
+        batch["model"] = objects([self.engine.name] * n)
+        batch["checkpoint_sha256"] = objects([self.engine.sha256] * n)
+        return batch

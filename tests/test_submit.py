@@ -1,0 +1,623 @@
+"""Tests for ``aejob submit`` (jobs/submit.py) and the KubeRay manifests in infra/.
+
+The ``cluster`` tests start their own Ray head on loopback (unique temp dir, free ports,
+token auth on with a token of their own) and stop exactly the processes they started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from jobs import submit as sub
+from jobs.submit import SubmitError, SubmitOptions, build_entrypoint, register
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+VENV_BIN = Path(sys.executable).parent
+
+
+# --------------------------------------------------------------------------- entrypoint
+
+
+def test_build_entrypoint_quotes_every_argument():
+    args = ["clean", "s3://b/in dir", "--out", "s3://b/out;rm -rf /", "--name", "$(whoami)", "it's"]
+    ep = build_entrypoint(args)
+    assert ep.startswith("python -m jobs.cli clean ")
+    assert shlex.split(ep) == ["python", "-m", "jobs.cli", *args]
+    assert "'$(whoami)'" in ep  # no shell expansion on the cluster
+
+
+def test_build_entrypoint_plain_args_stay_readable():
+    ep = build_entrypoint(("clean", "s3://b/in", "--out", "s3://b/out", "--format", "webp"))
+    assert ep == "python -m jobs.cli clean s3://b/in --out s3://b/out --format webp"
+
+
+@pytest.mark.parametrize("args", [(), ("submit", "--", "clean", "x")])
+def test_build_entrypoint_rejects_empty_and_recursive(args):
+    with pytest.raises(ValueError):
+        build_entrypoint(args)
+
+
+# --------------------------------------------------------------------------- env rules
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEID",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-super-secret",
+    "AWS_SESSION_TOKEN": "FwoGZXIvYXdzE-session-token",
+    "AWS_SECURITY_TOKEN": "legacy-security-token",
+}
+PLAIN = {
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    "AWS_REGION": "eu-west-3",
+    "AWS_DEFAULT_REGION": "eu-west-3",
+    "AWS_PROFILE": "batch",
+}
+
+
+def test_default_forwarding_is_an_allow_list_without_secrets():
+    environ = {**SECRETS, **PLAIN, "HOME": "/root", "RAY_AUTH_TOKEN": "t0k"}
+    env = sub.resolve_env({}, environ)
+    assert env == PLAIN
+    for name in SECRETS:
+        assert name not in env
+
+
+def test_default_forwarding_skips_unset_and_can_be_turned_off():
+    assert sub.resolve_env({}, {"AWS_REGION": "", "AWS_PROFILE": "p"}) == {"AWS_PROFILE": "p"}
+    assert sub.resolve_env({}, PLAIN, forward_defaults=False) == {}
+
+
+def test_explicit_env_forwards_secrets_and_wins():
+    env = sub.resolve_env({"AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-2"}, PLAIN)
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s"
+    assert env["AWS_REGION"] == "us-east-2"
+
+
+def test_parse_env_items():
+    environ = {"AWS_SECRET_ACCESS_KEY": "from-env"}
+    got = sub.parse_env_items(["A=1", "B=x=y", "EMPTY=", "AWS_SECRET_ACCESS_KEY"], environ)
+    assert got == {"A": "1", "B": "x=y", "EMPTY": "", "AWS_SECRET_ACCESS_KEY": "from-env"}
+    with pytest.raises(ValueError):
+        sub.parse_env_items(["NOT_SET_ANYWHERE"], {})
+    with pytest.raises(ValueError):
+        sub.parse_env_items(["1BAD=x"], {})
+
+
+@pytest.mark.parametrize("name", [*SECRETS, "RAY_AUTH_TOKEN", "DB_PASSWORD", "GH_TOKEN", "API_KEY"])
+def test_secret_names_are_masked(name):
+    assert sub.is_secret_name(name)
+    assert sub.mask_value(name, "value") == sub.MASK
+
+
+@pytest.mark.parametrize("name", list(PLAIN))
+def test_plain_names_are_shown(name):
+    assert not sub.is_secret_name(name)
+    assert sub.mask_value(name, "eu-west-3") == "eu-west-3"
+
+
+def test_url_credentials_are_masked():
+    masked = sub.mask_value("AWS_ENDPOINT_URL", "https://user:pa55@minio.local:9000/x")
+    assert "pa55" not in masked and "user" not in masked
+    assert masked == f"https://{sub.MASK}@minio.local:9000/x"
+
+
+def test_runtime_env_and_its_log_form(tmp_path):
+    opts = SubmitOptions(
+        address="http://127.0.0.1:8265",
+        entrypoint_args=("clean", "s3://b/in", "--out", "s3://b/out"),
+        working_dir=str(tmp_path),
+        pip=("pillow>=12",),
+        env={"AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"]},
+    )
+    rt = sub.build_runtime_env(opts, {**PLAIN, **SECRETS})
+    assert rt["working_dir"] == str(tmp_path.resolve())
+    assert ".venv/" in rt["excludes"] and ".git/" in rt["excludes"]
+    assert rt["pip"] == ["pillow>=12"]
+    assert rt["env_vars"] == {**PLAIN, "AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"]}
+    shown = repr(sub.describe_runtime_env(rt))
+    assert SECRETS["AWS_SECRET_ACCESS_KEY"] not in shown
+    assert "eu-west-3" in shown
+    assert SECRETS["AWS_SECRET_ACCESS_KEY"] not in repr(opts)  # env is left out of repr
+
+
+def test_runtime_env_rejects_missing_working_dir(tmp_path):
+    opts = SubmitOptions(address="x", entrypoint_args=("clean",), working_dir=str(tmp_path / "no"))
+    with pytest.raises(ValueError):
+        sub.build_runtime_env(opts, {})
+
+
+def test_secrets_never_reach_the_log(monkeypatch, caplog, tmp_path):
+    """Drive submit() with a fake client and check every log line."""
+    calls = {}
+
+    class FakeClient:
+        def submit_job(self, **kw):
+            calls.update(kw)
+            return "raysubmit_fake"
+
+        def get_job_status(self, sid):
+            return "PENDING"
+
+        def get_job_info(self, sid):
+            raise RuntimeError("404")
+
+    monkeypatch.setattr(sub, "_connect", lambda address, token: FakeClient())
+    environ = {**PLAIN, **SECRETS, "RAY_AUTH_TOKEN": "tok-" + "9" * 20}
+    opts = SubmitOptions(
+        address="http://127.0.0.1:8265",
+        entrypoint_args=("clean", "s3://b/in", "--out", "s3://b/out"),
+        env={"AWS_SESSION_TOKEN": SECRETS["AWS_SESSION_TOKEN"]},
+        wait=False,
+    )
+    with caplog.at_level(logging.DEBUG, logger="jobs.submit"):
+        out = sub.submit(opts, environ=environ)
+    assert out == {"submission_id": "raysubmit_fake", "status": "PENDING", "logs_tail": ""}
+    sent = calls["runtime_env"]["env_vars"]
+    assert sent["AWS_SESSION_TOKEN"] == SECRETS["AWS_SESSION_TOKEN"]  # explicit: forwarded
+    assert "AWS_SECRET_ACCESS_KEY" not in sent and "AWS_ACCESS_KEY_ID" not in sent
+    assert calls["entrypoint"] == "python -m jobs.cli clean s3://b/in --out s3://b/out"
+    text = caplog.text
+    assert "AWS_SESSION_TOKEN" in text  # the name is shown ...
+    for value in [*SECRETS.values(), environ["RAY_AUTH_TOKEN"]]:
+        assert value not in text  # ... the value never
+
+
+# --------------------------------------------------------------------------- auth token
+
+
+def test_auth_token_resolution(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("default-token\n")
+    path_tok = tmp_path / "tok"
+    path_tok.write_text("path-token\n")
+    local, remote = "http://127.0.0.1:8265", "http://ray-head.example:8265"
+
+    def res(addr, environ, explicit=None):
+        return sub.resolve_auth_token(addr, explicit, environ, home=home)
+
+    assert res(local, {}, explicit="explicit") == "explicit"
+    assert res(remote, {"RAY_AUTH_TOKEN": "env-token"}) == "env-token"
+    assert res(remote, {"RAY_AUTH_TOKEN_PATH": str(path_tok)}) == "path-token"
+    assert res(local, {}) == "default-token"  # ~/.ray/auth_token for a local cluster ...
+    assert res("http://localhost:8265", {}) == "default-token"
+    assert res(remote, {}) is None  # ... but not sent to a remote one
+    assert res(remote, {"RAY_AUTH_MODE": "token"}) == "default-token"
+    assert res(local, {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}) is None
+    assert sub.resolve_auth_token(local, None, {}, home=tmp_path / "nohome") is None
+
+
+def test_resolve_address():
+    assert sub.resolve_address(None, {}) == sub.DEFAULT_ADDRESS
+    assert sub.resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
+    assert sub.resolve_address("10.0.0.1:8265", {"RAY_ADDRESS": "x"}) == "http://10.0.0.1:8265"
+    for bad in ("auto", "ray://h:10001"):
+        with pytest.raises(ValueError):
+            sub.resolve_address(bad, {})
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _app(group: bool = True) -> typer.Typer:
+    app = typer.Typer(add_completion=False)
+    if group:  # like the real aejob app: a callback makes `submit` a sub-command
+
+        @app.callback()
+        def _root() -> None:
+            pass
+
+    register(app)
+    return app
+
+
+def test_cli_help_single_command_app():
+    result = CliRunner().invoke(_app(group=False), ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Ray Job" in result.output and "backoffLimit" in result.output
+
+
+def test_cli_help_as_subcommand():
+    result = CliRunner().invoke(_app(), ["submit", "--help"])
+    assert result.exit_code == 0, result.output
+    for opt in ("--address", "--working-dir", "--pip", "--env", "--no-wait", "--timeout",
+                "--submission-id"):
+        assert opt in result.output
+    assert "retries belong to the submitter" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit"],  # no aejob command
+        ["submit", "clean", "s3://b/in", "--out", "s3://b/out"],  # forgot `--`
+        ["submit", "--env", "1BAD=x", "--", "clean", "x"],
+        ["submit", "--env", "SURELY_NOT_SET_AEJOB_TEST", "--", "clean", "x"],
+        ["submit", "--timeout", "-1", "--", "clean", "x"],
+        ["submit", "--working-dir", "/nonexistent/aejob", "--", "clean", "x"],
+        ["submit", "--address", "auto", "--", "clean", "x"],
+        ["submit", "--", "submit", "--", "clean", "x"],
+    ],
+)
+def test_cli_bad_invocation_exits_2(argv, monkeypatch):
+    monkeypatch.delenv("SURELY_NOT_SET_AEJOB_TEST", raising=False)
+    result = CliRunner().invoke(_app(), argv)
+    assert result.exit_code == 2, result.output
+
+
+def test_cli_unreachable_cluster_exits_1():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["submit", "--address", f"http://127.0.0.1:{port}", "--", "clean", "s3://b/in"]
+    result = CliRunner().invoke(_app(), argv)
+    assert result.exit_code == 1, result.output
+    assert "cannot use the Ray job API" in result.output
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _docs(name: str) -> list[dict]:
+    with open(INFRA / name) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _check_rayjob(job: dict) -> None:
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("aejob clean s3://")
+    assert "--out s3://" in spec["entrypoint"]
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["backoffLimit"] == 2
+    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
+
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"  # dashboard not public
+    groups = cluster["workerGroupSpecs"]
+    assert len(groups) >= 2
+    gpu_groups = [
+        g for g in groups
+        if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+               for c in _containers(g["template"]))
+    ]
+    cpu_groups = [g for g in groups if g not in gpu_groups]
+    assert gpu_groups and cpu_groups
+    for g in gpu_groups:
+        assert str(g["rayStartParams"]["num-gpus"]) == "1"
+        for c in _containers(g["template"]):
+            assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
+
+    pods = [head["template"], *(g["template"] for g in groups)]
+    for pod in pods:
+        for c in _containers(pod):
+            assert c["image"] == "aejob:0.1.0"
+            env = {e["name"]: e for e in c.get("env", [])}
+            # credentials only by reference, never inline
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                         "RAY_AUTH_TOKEN"):
+                assert "value" not in env.get(name, {}), name
+            has_secret_ref = any("secretRef" in e for e in c.get("envFrom", [])) or any(
+                "secretKeyRef" in e.get("valueFrom", {}) for e in env.values()
+            )
+            assert has_secret_ref
+
+
+def test_rayjob_manifest():
+    docs = _docs("rayjob.yaml")
+    jobs = [d for d in docs if d.get("kind") == "RayJob"]
+    assert len(jobs) == 1
+    _check_rayjob(jobs[0])
+    text = (INFRA / "rayjob.yaml").read_text()
+    assert "docker build" in text  # how to build the image
+    # nothing exposes the dashboard outside the cluster
+    assert not [d for d in docs if d.get("kind") in {"Ingress", "Route"}]
+    for d in docs:
+        if d.get("kind") == "Service":
+            assert d["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_cronjob_manifest():
+    docs = _docs("cronjob.yaml")
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    (cron,) = by_kind["CronJob"]
+    assert cron["apiVersion"] == "batch/v1"
+    spec = cron["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert len(spec["schedule"].split()) == 5
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    sa = pod["serviceAccountName"]
+    assert pod["restartPolicy"] in {"Never", "OnFailure"}
+    script = " ".join(" ".join(c.get("command", []) + c.get("args", [])) for c in pod["containers"])
+    assert "kubectl create -f" in script
+
+    (account,) = by_kind["ServiceAccount"]
+    assert account["metadata"]["name"] == sa
+    (role,) = by_kind["Role"]
+    rules = [r for r in role["rules"] if "rayjobs" in r["resources"]]
+    assert rules and "ray.io" in rules[0]["apiGroups"] and "create" in rules[0]["verbs"]
+    (binding,) = by_kind["RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert any(s["name"] == sa for s in binding["subjects"])
+
+    # the RayJob template in the ConfigMap is itself a valid RayJob with a fresh name per run
+    (cm,) = by_kind["ConfigMap"]
+    mounted = {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+    assert cm["metadata"]["name"] in mounted
+    (template_text,) = cm["data"].values()
+    (template,) = [d for d in yaml.safe_load_all(template_text) if d]
+    assert "generateName" in template["metadata"] and "name" not in template["metadata"]
+    _check_rayjob(template)
+
+
+def test_infra_readme_mentions_all_three():
+    text = (INFRA / "README.md").read_text()
+    for needle in ("aejob submit", "RayJob", "CronJob", "backoffLimit"):
+        assert needle in text
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _our_pids(marker: str, tmp: str) -> list[int]:
+    """Processes started by our cluster: the marker in their environment or our temp dir
+    in their command line. Nothing else on the machine can carry either."""
+    found = []
+    needle_env = f"AEJOB_TEST_CLUSTER={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if needle_env in environ.split(b"\0") or tmp.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _http_ok(url: str, token: str) -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Cluster:
+    address: str
+    token_file: Path
+    tmp: Path
+
+
+def _stop_cluster(proc: subprocess.Popen, marker: str, tmp: str) -> list[int]:
+    """SIGTERM our process group (`ray start --block` then shuts its node down), then
+    SIGKILL whatever of ours is left. Returns pids that survived everything."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    sent_term = False
+    while time.monotonic() < deadline:
+        left = _our_pids(marker, tmp)
+        if not left:
+            return []
+        if not sent_term:
+            _signal_all(left, signal.SIGTERM)
+            sent_term = True
+        elif time.monotonic() > deadline - 10:
+            _signal_all(left, signal.SIGKILL)
+        time.sleep(0.5)
+    return _our_pids(marker, tmp)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray_bin = VENV_BIN / "ray"
+    if not ray_bin.exists():
+        pytest.skip("no ray executable next to the test interpreter")
+    # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
+    tmp = Path(tempfile.mkdtemp(prefix="aejob-ray-", dir="/tmp"))
+    marker = tmp.name
+    token = secrets.token_hex(32)
+    token_file = tmp / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(
+        # Token auth explicitly on, with our own token: the cluster behaves the same
+        # whether or not ~/.ray/auth_token exists (ray start turns auth on when it does).
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
+        RAY_USAGE_STATS_ENABLED="0",
+        AEJOB_TEST_CLUSTER=marker,
+        # `python` in job entrypoints must be this interpreter (as in a cluster image).
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    gcs, dash = _free_port(), _free_port()
+    cmd = [
+        str(ray_bin), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",  # never beyond loopback
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        "--include-dashboard=true",
+        "--num-cpus=1", "--num-gpus=0",
+        f"--object-store-memory={100 * 1024 * 1024}",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
+    log_path = tmp / "ray-start.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=tmp,
+        )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _http_ok(f"{address}/api/jobs/", token):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray head did not come up:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield Cluster(address=address, token_file=token_file, tmp=tmp)
+    finally:
+        survivors = _stop_cluster(proc, marker, str(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not survivors, f"processes of the test cluster survived: {survivors}"
+
+
+def _environ(cluster: Cluster, **extra: str) -> dict[str, str]:
+    return {"RAY_AUTH_TOKEN_PATH": str(cluster.token_file), **extra}
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_cluster_job_succeeds_with_working_dir_env_and_token(ray_cluster, tmp_path):
+    (tmp_path / "hello.py").write_text(textwrap.dedent("""
+        import os
+        import ray
+
+        ray.init()  # the driver connects to the token-auth cluster
+        print("remote:", ray.get(ray.remote(lambda: 40 + 2).remote()))
+        print("hello-aejob", os.environ.get("AWS_REGION"), os.environ.get("AEJOB_VALUE"))
+        print("secret-forwarded:", "AWS_SECRET_ACCESS_KEY" in os.environ)
+    """))
+    opts = SubmitOptions(
+        address=ray_cluster.address,
+        working_dir=str(tmp_path),
+        env={"AEJOB_VALUE": "v-123"},
+        raw_entrypoint="python hello.py",
+        timeout_s=240,
+        poll_interval_s=0.5,
+    )
+    t0 = time.monotonic()
+    environ = _environ(ray_cluster, AWS_REGION="eu-test-1", AWS_SECRET_ACCESS_KEY="nope")
+    out = sub.submit(opts, environ=environ)
+    print(f"job SUCCEEDED in {time.monotonic() - t0:.1f} s")
+    assert out["status"] == "SUCCEEDED"
+    assert out["submission_id"].startswith("raysubmit_")
+    assert "remote: 42" in out["logs_tail"]
+    assert "hello-aejob eu-test-1 v-123" in out["logs_tail"]
+    assert "secret-forwarded: False" in out["logs_tail"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_cluster_failed_job_raises_with_log_tail(ray_cluster):
+    opts = SubmitOptions(
+        address=ray_cluster.address,
+        raw_entrypoint="python -c \"import sys; print('boom-aejob'); sys.exit(3)\"",
+        timeout_s=240,
+        poll_interval_s=0.5,
+    )
+    with pytest.raises(SubmitError) as ei:
+        sub.submit(opts, environ=_environ(ray_cluster))
+    assert ei.value.status == "FAILED"
+    assert "boom-aejob" in ei.value.logs_tail
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_cluster_timeout_stops_the_job(ray_cluster):
+    opts = SubmitOptions(
+        address=ray_cluster.address,
+        raw_entrypoint="python -c \"import time; print('sleeping', flush=True); time.sleep(120)\"",
+        timeout_s=3,
+        poll_interval_s=0.5,
+    )
+    with pytest.raises(SubmitError) as ei:
+        sub.submit(opts, environ=_environ(ray_cluster))
+    assert "timed out" in str(ei.value)
+    assert ei.value.status == "STOPPED"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_cluster_without_token_is_refused(ray_cluster):
+    opts = SubmitOptions(address=ray_cluster.address, raw_entrypoint="true")
+    with pytest.raises(SubmitError) as ei:
+        sub.submit(opts, environ={"RAY_AUTH_MODE": "disabled"})
+    assert "401" in str(ei.value) or "uthentication" in str(ei.value)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_cluster_cli_runs_real_entrypoint_and_is_idempotent(ray_cluster, monkeypatch):
+    """`aejob submit --working-dir <repo> -- --help` runs `python -m jobs.cli --help` on
+    the cluster from the uploaded repo; a rerun with the same id follows the finished job."""
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    sid = f"aejob-test-{secrets.token_hex(4)}"
+    argv = [
+        "submit", "--address", ray_cluster.address, "--working-dir", str(REPO),
+        "--auth-token-file", str(ray_cluster.token_file), "--submission-id", sid,
+        "--timeout", "240", "--", "--help",
+    ]
+    runner = CliRunner()
+    first = runner.invoke(_app(), argv)
+    assert first.exit_code == 0, first.output
+    assert f"{sid} SUCCEEDED" in first.output
+    again = runner.invoke(_app(), argv)
+    assert again.exit_code == 0, again.output
+    assert f"{sid} SUCCEEDED" in again.output
