@@ -92,7 +92,8 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     if magic != MAGIC:
         raise BitstreamError(f"not an aejob codec stream (magic {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        raise BitstreamError(f"unsupported stream format version {version} (this reads {FORMAT_VERSION})")
+        raise BitstreamError(
+            f"unsupported stream format version {version} (this reads {FORMAT_VERSION})")
     fixed = _HEAD.size + name_len + _BODY.size + _CRC.size
     if len(data) < fixed:
         raise BitstreamError(f"truncated stream: {len(data)} bytes, header alone needs {fixed}")

@@ -76,18 +76,20 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if self.stages < 1 or self.channels < 1 or self.latent_channels < 1:
             raise ValueError("stages, channels and latent_channels must be positive")
-        if not self.lambdas or any(b <= a for a, b in zip(self.lambdas, self.lambdas[1:], strict=False)):
+        lam = self.lambdas
+        if not lam or any(b <= a for a, b in zip(lam, lam[1:], strict=False)):
             raise ValueError(f"lambdas must be non-empty and increasing: {self.lambdas}")
         if not 1 <= self.default_quality <= len(self.lambdas):
-            raise ValueError(f"default_quality {self.default_quality} not in 1..{len(self.lambdas)}")
+            raise ValueError(f"default_quality {self.default_quality} not in 1..{len(lam)}")
 
 
 class GDN(nn.Module):
     """Generalized divisive normalization (Ballé et al. 2016):
     ``y_i = x_i / sqrt(beta_i + sum_j gamma_ij x_j^2)``; ``inverse=True`` multiplies instead.
 
-    beta and gamma are kept non-negative by the reparametrization ``p = max(v, bound)**2 - pedestal``
-    (with a gradient that still pushes values up from the bound), as in CompressAI.
+    beta and gamma are kept non-negative by the reparametrization
+    ``p = max(v, bound)**2 - pedestal`` (with a gradient that still pushes values up from the
+    bound), as in CompressAI.
     """
 
     def __init__(
@@ -229,7 +231,8 @@ class FactorizedCodec(nn.Module):
         """Unpack and validate a stream against this model (and checkpoint, if given)."""
         header, payload = bitstream.unpack(data)
         if header.model != NAME:
-            raise bitstream.BitstreamError(f"stream was made by model {header.model!r}, not {NAME!r}")
+            raise bitstream.BitstreamError(
+                f"stream was made by model {header.model!r}, not {NAME!r}")
         if sha256 is not None and header.sha256_prefix != bitstream.Header.sha_prefix(sha256):
             raise bitstream.BitstreamError(
                 f"stream was encoded with checkpoint {header.sha256_prefix.hex()}…, "
@@ -326,11 +329,12 @@ class CodecEngine:
         expect = ck.config.num_qualities * ck.config.latent_channels
         if ck.model.tables.rows != expect:
             raise checkpoint.CheckpointError(
-                f"{checkpoint_ref}: entropy tables have {ck.model.tables.rows} rows, expected {expect}")
+                f"{checkpoint_ref}: entropy tables have {ck.model.tables.rows} rows, "
+                f"expected {expect}")
         self.device = torch.device(device)
-        self.model: FactorizedCodec = ck.model.to(self.device).eval()
         if self.device.type != "cpu":
             raise ValueError("the codec engine runs on CPU (entropy coding is on CPU anyway)")
+        self.model: FactorizedCodec = ck.model.eval()
         self.name = ck.name
         self.sha256 = ck.sha256
         self.path = ck.path

@@ -108,7 +108,8 @@ class FactorizedDensity(nn.Module):
         self.factors = nn.ParameterList()
         for i in range(len(dims) - 1):
             init = math.log(math.expm1(1 / scale / dims[i + 1]))
-            self.matrices.append(nn.Parameter(torch.full((groups, channels, dims[i + 1], dims[i]), init)))
+            shape = (groups, channels, dims[i + 1], dims[i])
+            self.matrices.append(nn.Parameter(torch.full(shape, init)))
             self.biases.append(nn.Parameter(torch.rand(groups, channels, dims[i + 1], 1) - 0.5))
             if i < len(dims) - 2:
                 self.factors.append(nn.Parameter(torch.zeros(groups, channels, dims[i + 1], 1)))

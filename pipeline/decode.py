@@ -31,7 +31,11 @@ Frames and orientation
 
 - Multi-frame files (``n_frames > 1``: animated GIF/PNG/WebP, multi-page TIFF, MPO) -> the
   first frame, note ``"animated: first of N frames"``.
-- EXIF orientation (2..8) is applied with ``ImageOps.exif_transpose``; ``width``/``height``
+- EXIF orientation (2..8, read with ``img.getexif()``, which also covers TIFF tags and XMP
+  ``tiff:Orientation``) is applied with the same transposes as ``ImageOps.exif_transpose``,
+  but directly (``img.transpose``): ``exif_transpose`` would also re-serialise the EXIF/XMP of
+  the returned image (wasted work that can raise on malformed EXIF; the output EXIF is built
+  separately below) and copies the image when there is nothing to do. ``width``/``height``
   are the displayed size; note ``"EXIF orientation N applied"``.
 
 Colour (every output is 8-bit RGB)
@@ -84,7 +88,7 @@ from io import BytesIO
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -147,10 +151,21 @@ _STRUCTURE_TAGS = frozenset(
         0x935C,  # ImageSourceData (Photoshop layers)
     }
 )
+# EXIF orientation -> transpose that displays the image upright (as ImageOps.exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"PA", "LA", "La", "RGBA", "RGBa"})
 _PLAIN_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "YCbCr", "LAB", "HSV"})
 _ICC_MODES = frozenset({"L", "RGB", "CMYK"})
+_BEFORE_ICC = {"1": "L", "RGBX": "RGB", "YCbCr": "RGB"}  # same colour space, profile-ready mode
 _SRGB_DESCRIPTION = re.compile(r"^\s*sRGB\b")
 _MAX_MESSAGE = 500
 
@@ -228,12 +243,12 @@ def _decode_rgb(
         Image.MAX_IMAGE_PIXELS = options.max_pixels
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            return _decode_locked(data, options)
+            return _decode_open(data, options)
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
 
-def _decode_locked(
+def _decode_open(
     data: bytes, options: DecodeOptions
 ) -> tuple[Image.Image, str, bytes | None, list[str]]:
     notes: list[str] = []
@@ -269,17 +284,20 @@ def _decode_locked(
             raise _load_error(fmt, exc) from None
         _check_size(src.size, options)
 
-        exif_obj = None
+        exif_obj: Image.Exif | None = None
+        orientation = None
         try:
             exif_obj = src.getexif()
+            orientation = exif_obj.get(_ORIENTATION)
         except Exception as exc:
+            exif_obj = None
             notes.append(f"EXIF dropped: {_describe(exc)}")
         icc = src.info.get("icc_profile")
 
         img: Image.Image = src
-        orientation = exif_obj.get(_ORIENTATION) if exif_obj is not None else None
-        if isinstance(orientation, int) and 2 <= orientation <= 8:
-            img = ImageOps.exif_transpose(src)
+        method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+        if method is not None:
+            img = src.transpose(method)
             notes.append(f"EXIF orientation {orientation} applied")
 
         exif_out = _output_exif(exif_obj, notes) if exif_obj is not None else None
@@ -307,11 +325,11 @@ def _to_rgb(img: Image.Image, icc: bytes | None, notes: list[str]) -> Image.Imag
     elif mode not in _PLAIN_RGB_MODES and mode != "CMYK":
         raise DecodeError(f"unsupported pixel mode {mode}")
 
-    converted = None
-    if icc:
-        converted = _apply_icc(img, icc, notes)
+    if icc and img.mode in _BEFORE_ICC:
+        img = img.convert(_BEFORE_ICC[img.mode])
     if img.mode == "CMYK":
         notes.append("CMYK converted to RGB")
+    converted = _apply_icc(img, icc, notes) if icc else None
     if converted is not None:
         img = converted
     elif img.mode != "RGB":

@@ -217,7 +217,7 @@ class DenoiseActor:
             cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], self.sigma)
             for j, i in enumerate(idx):
                 pixels[i] = cleaned[j].tobytes()
-                emb[i] = vecs[j]
+                emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls
         batch["pixels"] = objects(pixels)
         batch["embedding"] = objects(emb)
         batch["embedding_model"] = objects([self.engine.embedding_model if e is not None else None for e in emb])

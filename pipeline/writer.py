@@ -139,6 +139,8 @@ class ShardWriter:
                 continue
             st.received[unit].add(key)
             row = {name: _value(batch[name][i]) if name in batch else None for name in self.schema.names}
+            if isinstance(row.get("embedding"), bytes):
+                row["embedding"] = np.frombuffer(row["embedding"], dtype=np.float32).tolist()
             owner = self.seen_keys.get(key)
             if owner is not None and owner != shard:  # two source containers used the same key
                 row.update(key=f"{key}#dup-{shard}", status="error", image=None,

@@ -1,0 +1,391 @@
+"""``aejob train codec``: rate–distortion training of the variable-rate factorized codec.
+
+One run trains every quality level: each batch holds crops at all qualities (stratified: the
+qualities of a batch are a shuffled cycle over 1..N), and each sample's loss is
+``λ_q·255²·MSE + bpp`` with the λ of its quality, where bpp is the (noisy-latent) estimate of
+the factorized density. Like ``jobs/train.py``, the loop runs in-process (``--workers 0``) or
+under Ray Train's TorchTrainer (DDP); only rank 0 evaluates and writes checkpoints.
+
+Held-out evaluation codes center crops of photos 041–049 into real bitstreams (integer tables
+rebuilt from the current density) and logs bytes-based bpp and PSNR per quality. Every
+checkpoint carries its integer entropy tables, so any of them can be loaded by ``CodecEngine``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from models import checkpoint, registry
+from models.codec import FactorizedCodec, psnr_uint8
+from models.data import load_rgb, photo_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CodecTrainConfig:
+    data: str
+    out: str
+    model: str = "factorized-codec"
+    preset: str = "base"
+    steps: int = 40000
+    lr: float = 3e-4
+    min_lr: float = 1e-5
+    warmup: int = 200
+    batch: int = 12  # a multiple of the number of qualities keeps every batch balanced
+    crop: int = 128
+    clip_grad: float = 1.0
+    seed: int = 0
+    threads: int = 0  # 0: torch default
+    eval_every: int = 1000
+    save_every: int = 500
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+    resume: str = ""
+    release: str = ""  # also write a float16 release checkpoint here at the end
+    limit_images: int = 0  # tests: use only the first N training photos
+    eval_crop: int = 256
+    eval_limit: int = 0  # evaluate on the first N held-out photos only (0: all)
+
+
+def lr_at(step: int, cfg: CodecTrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+class CropSampler:
+    """Random crops with horizontal/vertical flips from images held in memory."""
+
+    def __init__(self, images: list[np.ndarray], seed: int) -> None:
+        self.images = images
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int, n: int) -> torch.Tensor:
+        out = np.empty((n, size, size, 3), np.uint8)
+        for i in range(n):
+            img = self.images[self.rng.integers(len(self.images))]
+            h, w = img.shape[:2]
+            if h < size or w < size:  # tiny test images: tile them up to the crop size
+                img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), "reflect")
+                h, w = img.shape[:2]
+            y, x = self.rng.integers(0, h - size + 1), self.rng.integers(0, w - size + 1)
+            p = img[y : y + size, x : x + size]
+            if self.rng.random() < 0.5:
+                p = p[:, ::-1]
+            if self.rng.random() < 0.5:
+                p = p[::-1]
+            out[i] = p
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
+
+
+def holdout_crops(data: str, crop: int, limit: int = 0) -> list[np.ndarray]:
+    """Center crops (uint8 HxWx3) of the held-out photos 041–049."""
+    files = photo_split(data, "holdout")
+    if limit:
+        files = files[:limit]
+    out = []
+    for p in files:
+        img = load_rgb(p)
+        h, w = img.shape[:2]
+        c = min(crop, h, w)
+        y, x = (h - c) // 2, (w - c) // 2
+        out.append(img[y : y + c, x : x + c].copy())
+    return out
+
+
+def evaluate(model: FactorizedCodec, crops: list[np.ndarray]) -> dict[str, Any]:
+    """Real bitstreams: per quality, mean bpp (from bytes) and mean PSNR over ``crops``."""
+    was_training = model.training
+    model.eval()
+    model.update_tables()
+    per_q = []
+    for q in range(1, model.config.num_qualities + 1):
+        bpps, psnrs = [], []
+        for img in crops:
+            data = model.compress(img, q)
+            rec = model.decompress(data)
+            bpps.append(len(data) * 8 / (img.shape[0] * img.shape[1]))
+            psnrs.append(psnr_uint8(rec, img))
+        per_q.append({"quality": q, "bpp": round(float(np.mean(bpps)), 4),
+                      "psnr": round(float(np.mean(psnrs)), 3)})
+    model.train(was_training)
+    return {"per_quality": per_q}
+
+
+def rd_loss(
+    model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor, lambdas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean over the batch of λ_q·255²·MSE + bpp; also returns (mse, bpp) per sample."""
+    out = model(x, quality)
+    n, _, h, w = x.shape
+    mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
+    bits = -torch.log2(out["likelihoods"]["y"]).sum(dim=(1, 2, 3))
+    bpp = bits / (h * w)
+    loss = (lambdas[quality - 1] * 255**2 * mse + bpp).mean()
+    return loss, mse.detach(), bpp.detach()
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _restore_optim(opt: torch.optim.Optimizer, extras: dict[str, torch.Tensor]) -> bool:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in extras.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    if not state:
+        return False
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return True
+
+
+def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    cfg = CodecTrainConfig(**cfg_dict)
+    rank, world = 0, 1
+    try:  # under Ray Train
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        in_ray = True
+    except Exception:
+        in_ray = False
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    files = photo_split(cfg.data, "train")
+    if cfg.limit_images:
+        files = files[: cfg.limit_images]
+    if not files:
+        raise SystemExit(f"no training photos (001–040) in {cfg.data}")
+    images = [load_rgb(p) for p in files]
+    eval_crops = holdout_crops(cfg.data, cfg.eval_crop, cfg.eval_limit) if rank == 0 else []
+
+    step, curve, history_minutes = 0, [], 0.0
+    if cfg.resume:
+        ck = checkpoint.load(cfg.resume)
+        model = ck.model
+        config = ck.config
+        step = int(ck.meta.get("steps", 0))
+        curve = list(ck.meta.get("curve", []))
+        history_minutes = float(ck.meta.get("train_minutes", 0.0))
+        log.info("resumed %s at step %d", cfg.resume, step)
+    else:
+        torch.manual_seed(cfg.seed)  # same init on every rank
+        config = registry.make_config(cfg.model, cfg.preset)
+        model = registry.build(cfg.model, config)
+    if not isinstance(model, FactorizedCodec):
+        raise SystemExit(f"{cfg.model} is not a codec model")
+    # Data and noise streams continue (differently) after a resume instead of repeating.
+    torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
+    sampler = CropSampler(images, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
+    qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.resume and _restore_optim(opt, ck.meta.get("_extra_tensors", {})):
+        log.info("optimizer state restored")
+    ddp_model: torch.nn.Module = model
+    if in_ray and world > 1:
+        ddp_model = ray.train.torch.prepare_model(model)
+    nq = config.num_qualities
+    lambdas = torch.tensor(config.lambdas, dtype=torch.float32)
+
+    t0 = time.time()
+    stats: dict[str, list[float]] = {"loss": [], "bpp": [], "psnr": []}
+
+    def minutes() -> float:
+        return round(history_minutes + (time.time() - t0) / 60, 2)
+
+    def save(tag: str, release: bool = False) -> None:
+        m = model
+        if release:  # tables for exactly the weights the float16 file holds
+            m = registry.build(cfg.model, config)
+            m.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+        m.eval()
+        tables = m.update_tables()
+        model.train()
+        meta = {
+            "kind": "codec",
+            "steps": step,
+            "train_minutes": minutes(),
+            "train_config": dataclasses.asdict(cfg),
+            "training_data": {
+                "folder": os.path.basename(os.path.normpath(cfg.data)),
+                "files": [p.name for p in files],
+                "holdout": [p.name for p in photo_split(cfg.data, "holdout")],
+            },
+            "qualities": list(range(1, nq + 1)),
+            "metrics": {"holdout": curve[-1].get("holdout") if curve else None},
+            "curve": curve,
+        }
+        extra = tables.to_tensors()
+        if not release:
+            extra.update(_optim_tensors(opt))
+        target = Path(cfg.release) if release else out / tag
+        checkpoint.save(target, cfg.model, config, m, meta,
+                        dtype=torch.float16 if release else None, extra_tensors=extra)
+
+    def record() -> None:
+        point: dict[str, Any] = {
+            "step": step, "minutes": minutes(), "lr": lr_at(step, cfg),
+            **{k: round(float(np.mean(v)), 4) if v else None for k, v in stats.items()},
+        }
+        for v in stats.values():
+            v.clear()
+        if rank == 0:
+            point["holdout"] = evaluate(model, eval_crops)["per_quality"] if eval_crops else []
+            curve.append(point)
+            log.info("step %d %s", step, json.dumps(point))
+        if in_ray:
+            ray.train.report({k: v for k, v in point.items() if k != "holdout"})
+
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    while step < cfg.steps and time.time() < deadline:
+        x = sampler.batch(cfg.crop, cfg.batch)
+        quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        stats["loss"].append(float(loss.detach()))
+        stats["bpp"].append(float(bpp.mean()))
+        stats["psnr"].append(float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()))
+        step += 1
+        if step % cfg.eval_every == 0:
+            record()
+        if rank == 0 and step % cfg.save_every == 0:
+            save("last")
+    if rank == 0:
+        if not curve or curve[-1]["step"] != step:
+            record()
+        save("last")
+        if cfg.release:
+            save("release", release=True)
+    return {"steps": step, "curve": curve}
+
+
+def run(cfg: CodecTrainConfig, workers: int, use_gpu: bool = False) -> dict[str, Any]:
+    """Train in-process (workers=0) or on Ray Train with ``workers`` DDP workers."""
+    if "CBSD68" in os.path.abspath(cfg.data):
+        raise SystemExit("CBSD68 is for evaluation only: never train on it")
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict["data"] = os.path.abspath(cfg.data)
+    cfg_dict["out"] = os.path.abspath(cfg.out)
+    if cfg.resume:
+        cfg_dict["resume"] = os.path.abspath(cfg.resume)
+    if cfg.release:
+        cfg_dict["release"] = os.path.abspath(cfg.release)
+    if workers <= 0:
+        return train_loop(cfg_dict)
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    per_worker = max(1, cfg.threads or 1)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg_dict,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}
+        ),
+        run_config=RunConfig(storage_path=os.path.join(cfg_dict["out"], "ray"), name="train-codec"),
+    )
+    result = trainer.fit()
+    return {"metrics": result.metrics}
+
+
+def register(train_app: typer.Typer) -> None:
+    """Add ``aejob train codec`` to the ``train`` sub-command group."""
+
+    @train_app.command("codec")
+    def train_codec(
+        data: Annotated[
+            Path, typer.Option(help="Folder of training photos (001–040 are used).")
+        ],
+        out: Annotated[
+            Path, typer.Option(help="Run folder for checkpoints and the curve.")
+        ] = Path("runs/codec"),
+        preset: Annotated[
+            str, typer.Option(help="Model size: tiny, small, base.")
+        ] = "base",
+        steps: Annotated[
+            int, typer.Option(help="Total optimizer steps (cosine schedule length).")
+        ] = 40000,
+        lr: Annotated[
+            float, typer.Option(help="Peak learning rate.")
+        ] = 3e-4,
+        batch: Annotated[
+            int, typer.Option(help="Crops per batch (best a multiple of the number of qualities).")
+        ] = 12,
+        crop: Annotated[
+            int, typer.Option(help="Crop size in pixels (a multiple of 16).")
+        ] = 128,
+        seed: Annotated[
+            int, typer.Option(help="Seed for crops, noise and init.")
+        ] = 0,
+        threads: Annotated[
+            int, typer.Option(help="torch threads per worker (0: default).")
+        ] = 0,
+        workers: Annotated[
+            int, typer.Option(help="Ray Train workers; 0 trains in this process.")
+        ] = 0,
+        gpu: Annotated[
+            bool, typer.Option(help="One GPU per Ray Train worker.")
+        ] = False,
+        resume: Annotated[
+            Path | None, typer.Option(help="Checkpoint to resume from.")
+        ] = None,
+        release: Annotated[
+            Path | None, typer.Option(help="Also write a float16 release checkpoint here.")
+        ] = None,
+        max_minutes: Annotated[
+            float, typer.Option(help="Stop (and save) after this many minutes.")
+        ] = 0.0,
+        eval_every: Annotated[
+            int, typer.Option(help="Steps between held-out evaluations.")
+        ] = 1000,
+        save_every: Annotated[
+            int, typer.Option(help="Steps between checkpoints.")
+        ] = 500,
+        limit_images: Annotated[
+            int, typer.Option(help="Use only the first N training photos (tests).")
+        ] = 0,
+    ) -> None:
+        """Train the variable-rate factorized-prior codec (all quality levels in one model)."""
+        cfg = CodecTrainConfig(
+            data=str(data), out=str(out), preset=preset, steps=steps, lr=lr, batch=batch,
+            crop=crop, seed=seed, threads=threads, resume=str(resume or ""),
+            release=str(release or ""), max_minutes=max_minutes, eval_every=eval_every,
+            save_every=save_every, limit_images=limit_images,
+        )
+        result = run(cfg, workers=workers, use_gpu=gpu)
+        typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")
