@@ -22,7 +22,9 @@ Opening and validation
   guard uses the same limit; its ``DecompressionBombError`` becomes the same message and its
   ``DecompressionBombWarning`` (like every other warning raised while decoding) is captured
   with :func:`warnings.catch_warnings`, so it can neither be printed nor escape as an exception.
-  The check is repeated after decoding (GIF frames can grow the canvas).
+  The check is repeated after decoding (GIF frames can grow the canvas). Both the limit and
+  the warning filters are process-global: decoding with *different* options concurrently in
+  threads of one process is not supported (Ray tasks/actors each decode in one thread).
 - ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set; ``img.load()`` runs inside the try, so a
   truncated or corrupt file fails: ``"truncated JPEG: image file is truncated (12 bytes not
   processed)"``, ``"corrupt PNG: ..."`` (format name + Pillow's message).

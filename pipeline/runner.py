@@ -197,6 +197,10 @@ def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
         raise
     if writer is not None and status != "succeeded":
         writer.abort()
+    try:
+        storage.delete(storage.join(spec.dst, layout.TMP))
+    except OSError as e:
+        log.warning("could not remove %s: %s", layout.TMP, e)
     manifest = _finish(spec, run_id, t0, t_list, listing, units, writer, resources, status, reason)
     lease.release()
     ok = status == "succeeded"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import warnings
 
 import numpy as np
@@ -473,3 +474,15 @@ def test_options_validation():
     with pytest.raises(ValueError, match="NOPE"):
         DecodeOptions(formats=("PNG", "nope"))
     assert hash(DecodeOptions()) == hash(DecodeOptions())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("AEJOB_HUGE_TESTS"), reason="set AEJOB_HUGE_TESTS=1 (81 MP image, ~10 s)"
+)
+def test_huge_but_valid_image():
+    case = next(c for c in bad_corpus(include_huge=True) if c.name == "huge_gradient.png")
+    decoded = decode_image(case.data)
+    assert (decoded.width, decoded.height) == case.size == (9000, 9000)
+    assert decoded.pixels[0, 0].tolist() == [0, 0, 0]
+    assert decoded.pixels[-1, -1].tolist() == [255, 255, 255]
