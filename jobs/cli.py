@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train the models that aejob ships.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+bench_app = typer.Typer(help="Benchmarks: JSON results and a printed table.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 @app.callback()
@@ -177,6 +179,40 @@ def demo(
     for r in rows:
         typer.echo(f"{r['name']:>22}: noisy {r['psnr_noisy']:.2f} dB -> cleaned {r['psnr_clean']:.2f} dB")
     typer.echo(f"report: {report.resolve()}")
+
+
+@train_app.command("release")
+def train_release(
+    run_checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint (e.g. runs/denoiser-base/last).")],
+    out: Annotated[Path, typer.Option(help="Release checkpoint path (float16).")] = Path("models/weights/denoiser-base"),
+) -> None:
+    """Turn a training checkpoint into a small float16 release checkpoint (training record kept)."""
+    import torch
+
+    from models import checkpoint
+
+    ck = checkpoint.load(run_checkpoint)
+    meta = {k: v for k, v in ck.meta.items() if k not in ("sha256", "file", "name", "config", "format_version", "_extra_tensors")}
+    meta["released_from"] = {"file": ck.path.name, "sha256": ck.sha256}
+    sha = checkpoint.save(out, ck.name, ck.config, ck.model, meta, dtype=torch.float16)
+    typer.echo(f"{out.with_suffix('.safetensors')} sha256 {sha}")
+
+
+def _register_plugins() -> None:
+    from jobs import bench_pipeline
+
+    bench_pipeline.register(bench_app)
+    for mod, target in (("jobs.bench", bench_app), ("jobs.bench_codec", bench_app),
+                        ("jobs.train_codec", train_app), ("jobs.submit", app), ("jobs.verify", app)):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ImportError:
+            continue
+        if hasattr(module, "register"):
+            module.register(target)
+
+
+_register_plugins()
 
 
 def main() -> None:

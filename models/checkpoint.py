@@ -51,6 +51,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -79,6 +80,7 @@ def save(
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "aejob", "name": name})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     digest = sha256_file(path)
     sidecar = {

@@ -88,7 +88,7 @@ class DenoiseEngine:
         self.meta = ck.meta
         self.multiple = int(ck.config.multiple)
         self.tile = max(self.multiple, tile // self.multiple * self.multiple)
-        self.overlap = overlap
+        self.overlap = max(0, min(overlap, self.tile // 4))  # tiles must advance
         self.batch_size = max(1, batch_size)
         self.amp = amp and self.device.type == "cuda"
         self.embedding_dim = int(ck.config.embedding_dim)
