@@ -16,7 +16,7 @@ from pipeline.export import dataset
 
 log = logging.getLogger(__name__)
 
-SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
+SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -52,11 +52,17 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to ``min_lr``.
+
+    The schedule's progress is the larger of step progress and, with ``--max-minutes``, the
+    fraction of this run's wall-clock budget used: on a busy machine the decay still completes
+    by the deadline instead of being cut off at a high learning rate.
+    """
     warmup = 100
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    t = min(1.0, max((step - warmup) / max(1, cfg.steps - warmup), time_frac))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
@@ -203,13 +209,24 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         checkpoint.save(target, cfg.model, config, model, meta, dtype=dtype, extra_tensors=extra)
 
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    start_step = step
+
+    def time_frac() -> float:
+        """Fraction of the wall-clock budget used, mapped onto the rest of the schedule."""
+        if not cfg.max_minutes:
+            return 0.0
+        done = (start_step - 100) / max(1, cfg.steps - 100) if start_step > 100 else 0.0
+        return done + (1 - done) * (time.time() - t0) / (cfg.max_minutes * 60)
+
+    lr = cfg.lr
     while step < cfg.steps and time.time() < deadline:
         size = cfg.patch_sizes[step % len(cfg.patch_sizes)]
         n = max(1, cfg.pixels_per_batch // (size * size))
         clean = sampler.batch(size, n)
         noisy, cond = degrade(clean, gen, sigma_max=cfg.sigma_max)
+        lr = lr_at(step, cfg, time_frac())
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         loss = F.l1_loss(ddp_model(noisy, cond), clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,7 +238,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
                 "step": step,
                 "minutes": round(history_minutes + (time.time() - t0) / 60, 2),
                 "loss": round(float(np.mean(losses)), 5),
-                "lr": lr_at(step, cfg),
+                "lr": lr,
             }
             losses = []
             if rank == 0:

@@ -44,6 +44,7 @@ class CodecTrainConfig:
     lr: float = 3e-4
     min_lr: float = 1e-5
     warmup: int = 200
+    entropy_lr_mult: float = 10.0  # learning-rate factor for the densities and gain vectors
     batch: int = 12  # a multiple of the number of qualities keeps every batch balanced
     crop: int = 128
     clip_grad: float = 1.0
@@ -138,6 +139,15 @@ def rd_loss(
     return loss, mse.detach(), bpp.detach()
 
 
+def param_groups(model: FactorizedCodec, cfg: CodecTrainConfig) -> list[dict[str, Any]]:
+    """Transforms at ``lr``; the small density MLPs and the gain vectors learn faster (they
+    must move far from their initialisation, and Adam's steps are ~lr in parameter units)."""
+    fast = [model.log_gain, model.log_inv_gain, *model.density.parameters()]
+    fast_ids = {id(p) for p in fast}
+    slow = [p for p in model.parameters() if id(p) not in fast_ids]
+    return [{"params": slow, "lr_mult": 1.0}, {"params": fast, "lr_mult": cfg.entropy_lr_mult}]
+
+
 def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for i, st in opt.state_dict()["state"].items():
@@ -204,7 +214,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     sampler = CropSampler(images, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
     qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
     if cfg.resume and _restore_optim(opt, ck.meta.get("_extra_tensors", {})):
         log.info("optimizer state restored")
     ddp_model: torch.nn.Module = model
@@ -267,7 +277,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         x = sampler.batch(cfg.crop, cfg.batch)
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * g["lr_mult"]
         loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas)
         opt.zero_grad(set_to_none=True)
         loss.backward()

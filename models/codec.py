@@ -56,6 +56,7 @@ class CodecConfig:
     kernel: int = 5
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # one rate point per quality, increasing
     default_quality: int = 4
+    init_gain: float = 10.0  # latent gain of the highest quality at initialisation
     filters: tuple[int, ...] = (3, 3, 3)  # hidden widths of the per-channel density MLP
     tail_mass: float = 1e-9  # coding tables cover all but this mass; the rest escapes
     max_half_range: int = 1024
@@ -136,13 +137,35 @@ class FactorizedCodec(nn.Module):
                 dec.append(GDN(n, inverse=True))
         self.g_a = nn.Sequential(*enc)
         self.g_s = nn.Sequential(*dec)
+        self._init_transforms()
         lam = torch.tensor(config.lambdas, dtype=torch.float32)
         # Uniform quantization: distortion ~ step**2 and optimal step**2 ~ 1/λ, so gain ~ sqrt(λ).
-        log_gain = (0.5 * torch.log(lam / lam.max()))[:, None].repeat(1, m)
+        # The untrained g_a outputs values of about 0.1: start with gains that make the top
+        # quality's latents span a few quantization steps.
+        log_gain = (math.log(config.init_gain) + 0.5 * torch.log(lam / lam.max()))
+        log_gain = log_gain[:, None].repeat(1, m)
         self.log_gain = nn.Parameter(log_gain)
         self.log_inv_gain = nn.Parameter(-log_gain.clone())
         self.density = FactorizedDensity(m, groups=config.num_qualities, filters=config.filters)
         self.tables: EntropyTables | None = None  # integer coding tables (from the checkpoint)
+
+    def _init_transforms(self) -> None:
+        """Variance-preserving init (PyTorch's default shrinks activations ~1.7x per layer, and
+        more for stride-2 transposed convolutions, which slows the start of training a lot):
+        each output sums fan_in = Cin·k² taps (Cin·k²/4 for a stride-2 transposed conv)."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Conv2d):
+                fan_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+            elif isinstance(mod, nn.ConvTranspose2d):
+                k = mod.kernel_size[0] * mod.kernel_size[1]
+                fan_in = mod.in_channels * k / (mod.stride[0] * mod.stride[1])
+            else:
+                continue
+            nn.init.normal_(mod.weight, std=math.sqrt(1.0 / fan_in))
+            nn.init.zeros_(mod.bias)
+        last = self.g_s[-1]
+        assert isinstance(last, nn.ConvTranspose2d)
+        nn.init.constant_(last.bias, 0.5)  # start at mid-grey rather than black
 
     # ---------------------------------------------------------------- training
     def _quality_index(self, quality: int | torch.Tensor, n: int) -> torch.Tensor:

@@ -618,7 +618,7 @@ def test_cluster_cli_runs_real_entrypoint_and_is_idempotent(ray_cluster, monkeyp
     runner = CliRunner()
     first = runner.invoke(_app(), argv)
     assert first.exit_code == 0, first.output
-    assert f"{sid} SUCCEEDED" in first.output
+    assert f"{sid} SUCCEEDED" in first.output, (repr(first.stdout), repr(first.stderr[-300:]), repr(first.output[-300:]))
     again = runner.invoke(_app(), argv)
     assert again.exit_code == 0, again.output
     assert f"{sid} SUCCEEDED" in again.output
