@@ -212,6 +212,8 @@ class Chaos(threading.Thread):
                     ray.kill(handle, no_restart=False)
                     k.target = f"actor {actors[0]['actor_id'][:8]}"
                 elif how == "sigkill-actor":
+                    if actors[0]["pid"] <= 1:  # never signal a process group or init
+                        raise RuntimeError(f"no PID for actor {actors[0]['actor_id'][:8]}")
                     os.kill(actors[0]["pid"], signal.SIGKILL)
                     k.target = f"actor pid {actors[0]['pid']}"
                 elif how == "sigkill-task":
@@ -257,9 +259,9 @@ def chaos_run(src: Path, dst: Path, ck: str, plan: list[tuple[str, float]],
 def plan_for(rng: random.Random, run: int, runs: int) -> list[tuple[str, float]]:
     """1–2 seeded actor crashes per run; the last run also SIGKILLs a task worker process and
     the one before it the actor's process, so both 'process died' cases appear once."""
-    plan = [("ray.kill", round(rng.uniform(0.0, 3.0), 2)) for _ in range(rng.choice((1, 1, 2)))]
+    plan = [("ray.kill", round(rng.uniform(0.0, 1.5), 2)) for _ in range(rng.choice((1, 1, 2)))]
     if run == runs - 2:
-        plan = [("sigkill-actor", round(rng.uniform(0.0, 2.0), 2))]
+        plan = [("sigkill-actor", round(rng.uniform(0.0, 1.5), 2))]
     if run == runs - 1:
         plan = [("sigkill-task", round(rng.uniform(0.0, 0.5), 2))] + plan
     return plan

@@ -167,6 +167,72 @@ def export(
 
 
 @app.command()
+def compress(
+    src: Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix of images, tar shards or Parquet files.")],
+    out: Annotated[str, typer.Option("--out", help="DST: local folder or s3://bucket/prefix.")],
+    quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-base",
+    keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
+    num_actors: Annotated[int, typer.Option(help="Codec actors.")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads per actor (0: pick).")] = 0,
+    actor_cpus: Annotated[float, typer.Option(help="CPUs each actor reserves (0: pick).")] = 0.0,
+    image_column: Annotated[str, typer.Option(help="Binary image column of Parquet inputs.")] = "image",
+    max_error_rate: Annotated[float, typer.Option(help="Fail the job when the error-row rate exceeds this.")] = 1.0,
+    max_pixels: Annotated[int, typer.Option(help="Decompression-bomb guard: largest image in pixels.")] = 100_000_000,
+    shard_size: Annotated[int, typer.Option(help="Loose files per output shard.")] = 256,
+    limit: Annotated[int, typer.Option(help="Process only the first N inputs.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a DST made with different settings.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="List what would be processed.")] = False,
+    address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
+) -> None:
+    """Compress every image of SRC into entropy-coded latents in Parquet (one row per input)."""
+    import json
+
+    from jobs.compress import CompressConfig, build_spec
+    from pipeline import layout, runner
+
+    cfg = CompressConfig(src=src, dst=out, quality=quality, checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
+                         image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
+                         max_error_rate=max_error_rate, limit=limit, overwrite=overwrite)
+    try:
+        spec = build_spec(cfg, _ray_options(num_actors, 0.0, 1, threads, actor_cpus, address))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if dry_run:
+        typer.echo(json.dumps(runner.dry_run(spec), indent=2))
+        return
+    try:
+        result = runner.run_job(spec)
+    except layout.DstError as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(2) from None
+    _finish(result, out)
+
+
+@app.command()
+def decompress(
+    dst: Annotated[str, typer.Argument(help="A dataset written by aejob compress.")],
+    out: Annotated[str, typer.Option("--out", help="Folder (or s3:// prefix) for the decoded images.")],
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "png",
+    max_error_rate: Annotated[float, typer.Option(help="Exit non-zero when the error rate exceeds this.")] = 1.0,
+    num_actors: Annotated[int, typer.Option(help="Decoder actors.")] = 1,
+    address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
+) -> None:
+    """Decode every row of DST to DIR/<key with its extension replaced> (errors become report rows)."""
+    from jobs.compress import decompress as run_decompress
+
+    report = run_decompress(dst, out, format, max_error_rate, _ray_options(num_actors, 0.0, 1, 0, 0.0, address))
+    c = report["counts"]
+    typer.echo(f"decoded {c['ok']} images to {out}: {c['error']} errors, {c['skipped']} rows skipped "
+               f"(error rows of the dataset), {c['unsafe_keys']} unsafe keys")
+    for k, e in list(report["errors"].items())[:10]:
+        typer.echo(f"  error {k}: {e}", err=True)
+    if report["status"] != "succeeded":
+        typer.echo(f"FAILED: {report['reason']}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's input, dataset and report.")] = Path("aejob-demo"),
     sigma: Annotated[float, typer.Option(help="Noise added to the sample photos (0–255 units).")] = 25.0,

@@ -285,6 +285,13 @@ def _finish(spec: JobSpec, run_id: str, t0: float, t_list: float, listing: sourc
     return manifest
 
 
+def read_json_safe(uri: str) -> dict[str, Any] | None:
+    try:
+        return layout.read_json(uri)  # type: ignore[no-any-return]
+    except Exception:
+        return None
+
+
 def _write_safely(uri: str, obj: dict[str, Any]) -> None:
     try:
         layout.write_json(uri, obj)
