@@ -228,7 +228,8 @@ def bench_denoise(
     if not paths:
         raise ValueError(f"no images in {data}")
     n = len(paths)
-    n_sub = n if bm3d_limit <= 0 else min(bm3d_limit, n)
+    # the BM3D subset (without bm3d there is none: every method runs on every image)
+    n_sub = n if bm3d_limit <= 0 or "bm3d" not in methods else min(bm3d_limit, n)
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -317,10 +318,10 @@ def bench_denoise(
                 entry["all"] = _means(rows)
                 summary.append({"method": m, "sigma": s, "set": "all", **entry["all"]})
             sub = [r for r in rows if r["index"] < n_sub]
-            if sub and (n_sub < n or "all" not in entry):
+            if sub and n_sub < n:
                 entry["subset"] = _means(sub)
             per_method[m]["sigmas"][k] = entry
-    if "bm3d" in methods and n_sub < n:
+    if n_sub < n:
         for m in methods:
             for s in sigmas:
                 sub_means = per_method[m]["sigmas"][_skey(s)].get("subset")
@@ -347,9 +348,8 @@ def bench_denoise(
         "machine": machine,
         "checkpoint": _checkpoint_info(checkpoint, engine),
         "images": images,
-        "subset": {"n": n_sub if "bm3d" in methods else n,
-                   "images": [im["name"] for im in images[: n_sub if "bm3d" in methods else n]],
-                   "rule": "first bm3d_limit images (sorted by name)"},
+        "subset": {"n": n_sub, "images": [im["name"] for im in images[:n_sub]],
+                   "rule": "first bm3d_limit images (sorted by name); all without bm3d"},
         "estimated_sigma": {k: {"mean": float(np.mean(v)), "per_image": v} for k, v in est.items()},
         "results": per_method,
         "summary": summary,
@@ -362,7 +362,10 @@ def bench_denoise(
     html_path.write_text(render_html(doc, shots, crop))
     log.info("wrote %s and %s (%.1f s)", json_path, html_path, wall)
     if show:
-        Console().print(table)
+        console = Console()
+        console.print(table)
+        for line in render_notes(doc):
+            console.print(line, highlight=False, markup=False)
     return doc
 
 
@@ -370,8 +373,9 @@ def _cell(r: dict[str, Any] | None) -> str:
     if r is None:
         return "—"
     ips = r["images_per_s"]
-    return f"{r['psnr']:.2f} / {r['ssim']:.4f} / {ips:.2f}" if ips else \
-        f"{r['psnr']:.2f} / {r['ssim']:.4f} / —"
+    # the input itself has no speed worth a number (it is a copy)
+    speed = "—" if r["method"] == "noisy" or not ips else f"{ips:.3g}"
+    return f"{r['psnr']:.2f} / {r['ssim']:.4f} / {speed}"
 
 
 def _table_rows(doc: dict[str, Any]) -> tuple[list[float], list[tuple[str, list[str]]]]:
@@ -396,24 +400,15 @@ def _table_rows(doc: dict[str, Any]) -> tuple[list[float], list[tuple[str, list[
 
 
 def render_table(doc: dict[str, Any]) -> Table:
+    """method x sigma; each cell "PSNR dB / SSIM / images per s"."""
     from rich.table import Table
 
     sigmas, rows = _table_rows(doc)
-    est = doc["estimated_sigma"]
-    ck = doc["checkpoint"]
-    m = doc["machine"]
-    table = Table(
-        title=f"denoise bench: {Path(doc['config']['data']).name}, {len(doc['images'])} images, "
-              f"clipped uint8 AWGN, seed {doc['config']['seed']}",
-        caption=("cells: PSNR dB / SSIM / images per s · estimated σ: "
-                 + ", ".join(f"{k}→{v['mean']:.1f}" for k, v in est.items())
-                 + f" · checkpoint {str(ck.get('sha256') or '-')[:12]}"
-                 + (f" ({ck['steps']} steps)" if "steps" in ck else "")
-                 + f" · torch threads {m['torch_threads']}, {m['cpus_usable']} CPUs"),
-    )
-    table.add_column("method")
+    table = Table(title=f"denoise bench · {Path(doc['config']['data']).name} · "
+                        f"{len(doc['images'])} images")
+    table.add_column("method (images)")
     for s in sigmas:
-        table.add_column(f"σ={s:g}", justify="right")
+        table.add_column(f"σ={s:g}: PSNR / SSIM / img/s", justify="right")
     prev_set = None
     for label, cells in rows:
         cur = "subset" if "(first" in label else "all"
@@ -422,6 +417,24 @@ def render_table(doc: dict[str, Any]) -> Table:
         prev_set = cur
         table.add_row(label, *cells)
     return table
+
+
+def render_notes(doc: dict[str, Any]) -> list[str]:
+    """The lines printed under the table: noise, σ estimates, checkpoint, machine."""
+    ck = doc["checkpoint"]
+    m = doc["machine"]
+    est = ", ".join(f"σ={k}: {v['mean']:.1f}" for k, v in doc["estimated_sigma"].items())
+    given = ", ".join(f"{k}: {v}" for k, v in doc["config"]["sigma_given"].items())
+    start = m.get("loadavg_start")
+    load = f", 1-min load average at start {start[0]:.3g} (timings share the CPUs)" if start else ""
+    return [
+        f"noise: clipped, rounded uint8 AWGN, seed {doc['config']['seed']}; "
+        f"mean estimated σ: {est}",
+        f"σ given: {given}",
+        f"checkpoint {ck.get('ref')} sha256 {str(ck.get('sha256') or '-')[:12]}"
+        + (f" ({ck['steps']} steps)" if "steps" in ck else ""),
+        f"torch threads {m['torch_threads']}, {m['cpus_usable']} CPUs{load}",
+    ]
 
 
 def render_html(doc: dict[str, Any], shots: list[dict[str, Any]], crop: int) -> str:
@@ -455,6 +468,8 @@ def render_html(doc: dict[str, Any], shots: list[dict[str, Any]], crop: int) -> 
                     f"<table class=crops><tr>{''.join(tds)}</tr></table>")
     ck = doc["checkpoint"]
     machine = doc["machine"]
+    subset = (f"; BM3D and the rows marked 'first {doc['subset']['n']}' on the first "
+              f"{doc['subset']['n']}" if doc["subset"]["n"] < len(doc["images"]) else "")
     info = {
         "checkpoint": f"{ck.get('ref')} sha256 {ck.get('sha256')}"
                       + (f", {ck['steps']} steps" if "steps" in ck else ""),
@@ -474,7 +489,7 @@ table.summary tr:nth-child(even){{background:#f2f2f2}}
 .crops img{{width:{2 * crop}px;image-rendering:pixelated}}
 .na{{width:{2 * crop}px;height:{2 * crop}px;background:#eee;line-height:{2 * crop}px}}</style>
 <h1>aejob denoise bench — {esc(Path(doc['config']['data']).name)}</h1>
-<p>{len(doc['images'])} images; BM3D subset: first {doc['subset']['n']}.
+<p>{len(doc['images'])} images{subset}.
 Cells: PSNR dB / SSIM / images per second. Mean estimated σ: {esc(est)}.</p>
 <table class=summary><tr><th>method</th>{head}</tr>{body}</table>
 <ul>{info_html}</ul>

@@ -299,7 +299,8 @@ def _connect(address: str, token: str | None):
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # connection refused, 401/403, version mismatch, ...
-        hint = "" if token else " (no auth token was sent; see --auth-token-file)"
+        auth_error = "401" in str(e) or "uthentication" in str(e)
+        hint = " (no auth token was sent; see --auth-token-file)" if auth_error and not token else ""
         raise SubmitError(f"cannot use the Ray job API at {address}: {e}{hint}") from e
 
 
@@ -440,7 +441,19 @@ def submit(opts: SubmitOptions, *, environ: Mapping[str, str] | None = None) -> 
     runtime_env = build_runtime_env(opts, environ)
     token = resolve_auth_token(address, opts.auth_token, environ)
     client = _connect(address, token)
+    try:
+        return _submit_and_follow(client, address, entrypoint, runtime_env, opts)
+    except (SubmitError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # the job API failed mid-way (head node gone, proxy error, ...)
+        raise SubmitError(
+            f"job API error at {address}: {e}", submission_id=opts.submission_id
+        ) from e
 
+
+def _submit_and_follow(
+    client, address: str, entrypoint: str, runtime_env: dict[str, Any], opts: SubmitOptions
+) -> dict[str, str]:
     sid = opts.submission_id
     existing = _existing_status(client, sid) if sid else None
     if sid and existing:
@@ -480,8 +493,12 @@ def submit(opts: SubmitOptions, *, environ: Mapping[str, str] | None = None) -> 
 
     logger.info("job %s finished: %s", sid, status)
     if status != "SUCCEEDED":
+        hint = " (an earlier run with this id; retry with a new --submission-id)" if existing else ""
         raise SubmitError(
-            f"job {sid} ended {status}", submission_id=sid, status=status, logs_tail=logs_tail
+            f"job {sid} ended {status}{hint}",
+            submission_id=sid,
+            status=status,
+            logs_tail=logs_tail,
         )
     return {"submission_id": sid, "status": status, "logs_tail": logs_tail}
 

@@ -8,6 +8,7 @@ current rows, one per key. So the data files are the only files not starting wit
     DST/_tmp/                    shard files being written (never read as data)
     DST/_config.json             the settings this dataset was made with
     DST/_lease.json              the live run's lease (heartbeat + expiry)
+    DST/_lease.json.lock         (local DST only) lock file for lease compare-and-replace
     DST/_runs/<run id>.json      one record per run
     DST/_manifest.json           written last by every run
 """
@@ -35,6 +36,7 @@ LEASE = "_lease.json"
 RUNS = "_runs"
 MANIFEST = "_manifest.json"
 DATA_SUFFIX = ".parquet"
+DEFAULT_LEASE_TTL_S = 60.0
 
 
 class DstError(RuntimeError):
@@ -121,52 +123,110 @@ def prepare(dst: str, fingerprint: dict[str, Any], overwrite: bool) -> DstState:
     return DstState(markers=markers, done_units=done, removed_orphans=orphans)
 
 
+def lease_ttl_s() -> float:
+    """Lease lifetime without a heartbeat: ``AEJOB_LEASE_TTL_S`` (default 60 s)."""
+    raw = os.environ.get("AEJOB_LEASE_TTL_S", "").strip()
+    try:
+        ttl = float(raw) if raw else DEFAULT_LEASE_TTL_S
+    except ValueError:
+        raise DstError(f"AEJOB_LEASE_TTL_S must be a number of seconds, not {raw!r}") from None
+    if ttl <= 0:
+        raise DstError(f"AEJOB_LEASE_TTL_S must be positive, not {raw!r}")
+    return ttl
+
+
 class Lease:
     """A run's claim on DST: ``_lease.json`` renewed by a heartbeat thread, with an expiry.
 
     A second run on the same DST is refused while the lease is live; a crashed run's lease
-    lapses after ``ttl_s`` and the next run takes over without manual cleanup.
+    lapses after ``ttl_s`` (``AEJOB_LEASE_TTL_S``, default 60 s) and the next run takes over
+    without manual cleanup. Every change is a conditional write (``storage.create_only`` for a
+    fresh lease, ``storage.replace_if_match`` to take over an expired one or to renew ours), so
+    two runs racing for DST cannot both win, and a run whose lease was taken notices at its next
+    heartbeat (``lost``) and stops before publishing anything.
     """
 
-    def __init__(self, dst: str, ttl_s: float = 60.0, run_id: str | None = None) -> None:
+    def __init__(self, dst: str, ttl_s: float | None = None, run_id: str | None = None) -> None:
         self.uri = storage.join(dst, LEASE)
-        self.ttl_s = ttl_s
+        self.ttl_s = float(ttl_s) if ttl_s is not None else lease_ttl_s()
         self.owner = run_id or uuid.uuid4().hex
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._token: str | None = None
         self.lost = False
+        self.took_over: dict[str, Any] | None = None  # the expired lease this run replaced
 
-    def _body(self) -> dict[str, Any]:
+    def _body(self) -> bytes:
         now = time.time()
-        return {"owner": self.owner, "host": self.host, "pid": os.getpid(),
-                "renewed_at": now, "expires_at": now + self.ttl_s}
+        return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(),
+                           "ttl_s": self.ttl_s, "renewed_at": now,
+                           "expires_at": now + self.ttl_s}, indent=2, sort_keys=True).encode()
+
+    @staticmethod
+    def _parse(raw: bytes | None) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None
 
     def acquire(self) -> None:
-        cur = read_json(self.uri)
-        if cur and cur.get("owner") != self.owner and float(cur.get("expires_at", 0)) > time.time():
-            left = float(cur["expires_at"]) - time.time()
-            raise DstError(
-                f"another run ({cur.get('owner', '?')[:8]} on {cur.get('host', '?')}) holds the lease "
-                f"on this DST for {left:.0f} s more; wait for it to finish or to lapse"
-            )
-        write_json(self.uri, self._body())
-        time.sleep(0.2)  # a racing writer wins or loses here: re-read and check
-        cur = read_json(self.uri)
+        for _ in range(5):
+            if storage.create_only(self.uri, self._body()):
+                break
+            raw, token = storage.read_versioned(self.uri)
+            if raw is None:
+                continue  # released in between: try to create it again
+            cur = self._parse(raw)  # unreadable counts as expired: nobody can renew it
+            if cur and cur.get("owner") == self.owner:
+                break  # our own create, retried after its reply was lost
+            left = float(cur.get("expires_at", 0)) - time.time() if cur else -1.0
+            if cur and left > 0:
+                raise DstError(
+                    f"another run ({str(cur.get('owner', '?'))[:22]} on {cur.get('host', '?')}, "
+                    f"pid {cur.get('pid', '?')}) holds the lease on this DST for {left:.0f} s more; "
+                    "wait for it to finish, or, if it crashed, for its lease to lapse "
+                    f"(AEJOB_LEASE_TTL_S, {float(cur.get('ttl_s', self.ttl_s)):.0f} s without a heartbeat)"
+                )
+            if token is not None and storage.replace_if_match(self.uri, self._body(), token):
+                self.took_over = cur or {}
+                log.warning("took over the expired lease of run %s (lapsed %.0f s ago)",
+                            str((cur or {}).get("owner", "?"))[:22], -left)
+                break
+        else:
+            raise DstError("could not acquire the DST lease: other runs kept changing it")
+        raw, token = storage.read_versioned(self.uri)  # for stores that ignore conditions
+        cur = self._parse(raw)
         if not cur or cur.get("owner") != self.owner:
             raise DstError("lost the race for the DST lease to another run")
+        self._token = token
         self._thread = threading.Thread(target=self._heartbeat, name="aejob-lease", daemon=True)
         self._thread.start()
+
+    def renew(self) -> bool:
+        """Extend our lease; False (and ``lost``) when another run holds it now."""
+        raw, token = storage.read_versioned(self.uri)
+        cur = self._parse(raw)
+        if not cur or cur.get("owner") != self.owner or token is None:
+            self.lost = True
+            log.error("the DST lease was taken by another run (or removed)")
+            return False
+        if storage.replace_if_match(self.uri, self._body(), token):
+            return True
+        raw, _ = storage.read_versioned(self.uri)  # changed between the read and the write
+        cur = self._parse(raw)
+        if not cur or cur.get("owner") != self.owner:
+            self.lost = True
+            log.error("the DST lease was taken by another run")
+            return False
+        return True  # our own earlier write (a retried request): renewed
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                cur = read_json(self.uri)
-                if cur and cur.get("owner") != self.owner:
-                    self.lost = True
-                    log.error("the DST lease was taken by another run")
+                if not self.renew():
                     return
-                write_json(self.uri, self._body())
             except Exception as e:  # a transient storage error: retry at the next beat
                 log.warning("lease heartbeat failed: %s", e)
 
@@ -175,8 +235,9 @@ class Lease:
         if self._thread:
             self._thread.join(timeout=5)
         try:
-            cur = read_json(self.uri)
-            if cur and cur.get("owner") == self.owner:
-                storage.delete(self.uri)
+            raw, token = storage.read_versioned(self.uri)
+            cur = self._parse(raw)
+            if cur and cur.get("owner") == self.owner and token is not None:
+                storage.delete_if_match(self.uri, token)
         except Exception as e:
             log.warning("could not release the lease: %s", e)

@@ -188,7 +188,7 @@ class ShardWriter:
         st.writer.close()
         st.stream.close()
         final = self._path(name + layout.DATA_SUFFIX)
-        self.fs.move(st.tmp, final)  # local: atomic rename; S3: copy then delete the temp
+        storage.publish(self.fs, st.tmp, final)  # local: atomic rename; S3: copy, delete temp
         rows = st.counts["ok"] + st.counts["error"]
         marker = {
             "shard": name,

@@ -31,6 +31,9 @@ from typer.testing import CliRunner
 from jobs import submit as sub
 from jobs.submit import SubmitError, SubmitOptions, build_entrypoint, register
 
+# Ray's own job SDK (sdk.py) passes ssl=None to aiohttp; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
+
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 VENV_BIN = Path(sys.executable).parent
@@ -180,6 +183,86 @@ def test_secrets_never_reach_the_log(monkeypatch, caplog, tmp_path):
     assert "AWS_SESSION_TOKEN" in text  # the name is shown ...
     for value in [*SECRETS.values(), environ["RAY_AUTH_TOKEN"]]:
         assert value not in text  # ... the value never
+
+
+class _ScriptedClient:
+    """Stands in for JobSubmissionClient: statuses are played back in order."""
+
+    def __init__(self, statuses, logs="line 1\nline 2\n", existing=None, fail_status=False):
+        self.statuses = list(statuses)
+        self.logs = logs
+        self.existing = existing
+        self.fail_status = fail_status
+        self.submitted = []
+        self.stopped = []
+
+    def submit_job(self, **kw):
+        self.submitted.append(kw)
+        return kw.get("submission_id") or "raysubmit_x"
+
+    def get_job_info(self, sid):
+        if self.existing is None:
+            raise RuntimeError("Request failed with status code 404")
+        return type("Info", (), {"status": self.existing})()
+
+    def get_job_status(self, sid):
+        if self.fail_status:
+            raise ConnectionError("head node gone")
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def get_job_logs(self, sid):
+        return self.logs
+
+    async def tail_job_logs(self, sid):
+        for chunk in ("line 1\nli", "ne 2\n"):  # chunks need not end at a newline
+            yield chunk
+
+    def stop_job(self, sid):
+        self.stopped.append(sid)
+        self.statuses = ["STOPPED"]
+        return True
+
+
+def _run_scripted(monkeypatch, client, **kw):
+    monkeypatch.setattr(sub, "_connect", lambda address, token: client)
+    opts = SubmitOptions(
+        address="http://127.0.0.1:8265", raw_entrypoint="true", poll_interval_s=0.01, **kw
+    )
+    return sub.submit(opts, environ={})
+
+
+def test_wait_success_collects_streamed_tail(monkeypatch):
+    client = _ScriptedClient(["RUNNING", "SUCCEEDED"])
+    out = _run_scripted(monkeypatch, client)
+    assert out["status"] == "SUCCEEDED" and out["logs_tail"] == "line 1\nline 2"
+
+
+def test_wait_failure_raises_with_tail(monkeypatch):
+    client = _ScriptedClient(["RUNNING", "FAILED"])
+    with pytest.raises(SubmitError) as ei:
+        _run_scripted(monkeypatch, client)
+    assert ei.value.status == "FAILED" and "line 2" in ei.value.logs_tail
+
+
+def test_existing_submission_id_is_followed_not_resubmitted(monkeypatch):
+    client = _ScriptedClient(["SUCCEEDED"], existing="SUCCEEDED")
+    out = _run_scripted(monkeypatch, client, submission_id="nightly-1")
+    assert out == {"submission_id": "nightly-1", "status": "SUCCEEDED", "logs_tail": "line 1\nline 2"}
+    assert client.submitted == []
+
+
+def test_timeout_stops_the_job(monkeypatch):
+    client = _ScriptedClient(["RUNNING"])
+    with pytest.raises(SubmitError, match="timed out") as ei:
+        _run_scripted(monkeypatch, client, timeout_s=0.2, stream_logs=False)
+    assert client.stopped == ["raysubmit_x"] and ei.value.status == "STOPPED"
+
+
+def test_lost_job_api_becomes_submit_error(monkeypatch):
+    monkeypatch.setattr(sub.time, "sleep", lambda s: None)
+    client = _ScriptedClient(["RUNNING"], fail_status=True)
+    with pytest.raises(SubmitError, match="lost contact"):
+        _run_scripted(monkeypatch, client, stream_logs=False)
 
 
 # --------------------------------------------------------------------------- auth token
