@@ -243,7 +243,7 @@ def test_crash_then_resume_redoes_only_unfinished_shards(
         source: tuple[Path, list[str]], reference: Path, tiny_checkpoint: str, tmp_path: Path) -> None:
     src, keys = source
     dst = tmp_path / "out"
-    ttl = 10.0
+    ttl = 6.0
     env = cli_env(AEJOB_LEASE_TTL_S=str(ttl))
     log1 = open(tmp_path / "run1.log", "wb")
     proc = subprocess.Popen(clean_cmd(src, dst, tiny_checkpoint), cwd=ROOT, env=env, stdout=log1,
