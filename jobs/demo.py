@@ -62,7 +62,8 @@ def write_report(folder: Path, rows: list[dict[str, object]]) -> Path:
     mean_n = np.mean([float(r["psnr_noisy"]) for r in rows])  # type: ignore[arg-type]
     mean_c = np.mean([float(r["psnr_clean"]) for r in rows])  # type: ignore[arg-type]
     page = f"""<!doctype html><meta charset=utf-8><title>aejob demo</title>
-<style>body{{font-family:sans-serif}} td{{text-align:center;padding:4px}} img{{width:240px;image-rendering:pixelated}}</style>
+<style>body{{font-family:sans-serif}} td{{text-align:center;padding:4px}}
+img{{width:240px;image-rendering:pixelated}}</style>
 <h1>aejob clean — demo</h1><p>Gaussian noise σ=25 (clipped, rounded); centre crops shown.
 Mean PSNR: noisy {mean_n:.2f} dB → cleaned {mean_c:.2f} dB.</p>
 <table><tr><th>image</th><th>noisy</th><th>cleaned</th><th>original</th></tr>{''.join(cells)}</table>"""

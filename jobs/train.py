@@ -80,7 +80,7 @@ class PatchSampler:
             h, w = img.shape[:2]
             y, x = self.rng.integers(0, h - size + 1), self.rng.integers(0, w - size + 1)
             p = img[y : y + size, x : x + size]
-            p = np.rot90(p, self.rng.integers(4))
+            p = np.rot90(p, int(self.rng.integers(4)))
             if self.rng.random() < 0.5:
                 p = p[:, ::-1]
             out[i] = p
@@ -282,7 +282,7 @@ def run(cfg: TrainConfig, workers: int, use_gpu: bool = False) -> dict[str, Any]
         ray.init()
     per_worker = max(1, cfg.threads or 1)
     trainer = TorchTrainer(
-        train_loop,
+        train_loop,  # type: ignore[arg-type]  # its return value is for in-process runs
         train_loop_config=cfg_dict,
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}

@@ -273,12 +273,20 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             ray.train.report({k: v for k, v in point.items() if k != "holdout"})
 
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    bad_steps = 0
     while step < cfg.steps and time.time() < deadline:
         x = sampler.batch(cfg.crop, cfg.batch)
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g["lr_mult"]
         loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas)
+        if not torch.isfinite(loss) and world == 1:  # skip the batch, keep the weights
+            bad_steps += 1
+            log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, bad_steps)
+            if bad_steps > 20:
+                raise FloatingPointError("training diverged: more than 20 non-finite losses")
+            step += 1
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:

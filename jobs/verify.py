@@ -26,10 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Optional
 
-import pyarrow.parquet as pq
 import typer
-
-from pipeline import layout, sources, storage
 
 KINDS = ("duplicate_key", "data_without_marker", "marker_without_data", "row_count_mismatch",
          "unreadable_data_file", "missing_unit", "extra_key")
@@ -92,6 +89,10 @@ class Report:
 
 def _read_keys(dst: str, shard: str) -> tuple[list[str], Counter[str]]:
     """(keys, status counts) of one data file, read with plain pyarrow."""
+    import pyarrow.parquet as pq
+
+    from pipeline import layout, storage
+
     fs, root = storage.resolve(dst)
     with fs.open_input_file(f"{root}/{shard}{layout.DATA_SUFFIX}") as f:
         pf = pq.ParquetFile(f)
@@ -106,6 +107,8 @@ def _read_keys(dst: str, shard: str) -> tuple[list[str], Counter[str]]:
 
 
 def verify(dst: str, against: str | None = None) -> Report:
+    from pipeline import layout, storage
+
     rep = Report(dst=dst, against=against)
     if not storage.exists(dst):
         raise FileNotFoundError(f"DST not found: {dst}")
@@ -171,6 +174,8 @@ def verify(dst: str, against: str | None = None) -> Report:
 
 def _check_source(rep: Report, src: str, markers: dict[str, dict[str, Any]],
                   keys_by_shard: dict[str, list[str]]) -> None:
+    from pipeline import layout, sources
+
     listing = sources.list_source(src)
     units = {u.key: u for u in listing.units}
     rep.source_units = len(units)

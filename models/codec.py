@@ -182,7 +182,7 @@ class FactorizedCodec(nn.Module):
         """x: (N, 3, H, W) in [0, 1], H and W multiples of ``config.multiple``; quality: an int
         or (N,) ints in 1..num_qualities. Returns ``{"x_hat", "likelihoods": {"y"}}``."""
         q = self._quality_index(quality, x.shape[0])
-        y = self.g_a(x)
+        y = self.analysis(x)
         z = y * torch.exp(self.log_gain[q])[:, :, None, None]
         med = self.density.medians().to(z.device)[q][:, :, None, None]
         z_round = torch.round(z - med) + med
@@ -194,6 +194,11 @@ class FactorizedCodec(nn.Module):
         lik = self.density.likelihood(z_rate, q)
         y_hat = z_hat * torch.exp(self.log_inv_gain[q])[:, :, None, None]
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": lik}}
+
+    def analysis(self, x: torch.Tensor) -> torch.Tensor:
+        """y = g_a(x - 0.5): centred inputs train markedly faster (the output layer's bias
+        starts at 0.5)."""
+        return self.g_a(x - 0.5)
 
     # ---------------------------------------------------------------- coding
     def update_tables(self) -> EntropyTables:
@@ -235,7 +240,7 @@ class FactorizedCodec(nn.Module):
         quality = self._check_quality(quality)
         rows = self._rows(quality)
         x, pb, pr = self.pad(img)
-        y = self.g_a(x)[0]
+        y = self.analysis(x)[0]
         z = y * torch.exp(self.log_gain[quality - 1])[:, None, None]
         med = torch.from_numpy(rows.medians)[:, None, None]
         sym = torch.round(z - med)
@@ -293,7 +298,7 @@ class FactorizedCodec(nn.Module):
     def embed(self, img: np.ndarray) -> np.ndarray:
         """L2-normalised global average of the latent y: float32 [latent_channels]."""
         x, _, _ = self.pad(img)
-        v = self.g_a(x).mean(dim=(2, 3))
+        v = self.analysis(x).mean(dim=(2, 3))
         return F.normalize(v, dim=1)[0].numpy().astype(np.float32)
 
 

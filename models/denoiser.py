@@ -66,7 +66,7 @@ class ResUNetDenoiser(nn.Module):
         )
         self.tail = nn.Conv2d(ch[0], 3 * r * r, 3, padding=1)
         nn.init.zeros_(self.tail.weight)  # start as the identity: do no harm from step 0
-        nn.init.zeros_(self.tail.bias)
+        nn.init.zeros_(self.tail.bias)  # type: ignore[arg-type]
 
     def _cond(self, x: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
         """Per-image [sigma/255, known] planes at the unshuffled resolution."""

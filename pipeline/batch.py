@@ -7,13 +7,15 @@ every non-numeric column back into an object array with ``None`` for missing val
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 NUMERIC = {"unit_items", "source_bytes", "skipped_members", "width", "height", "noise_sigma",
            "bpp", "psnr", "size"}
 
 
-def objects(values: list[object] | np.ndarray) -> np.ndarray:
+def objects(values: Sequence[object] | np.ndarray) -> np.ndarray:
     arr = np.empty(len(values), dtype=object)
     arr[:] = list(values)
     return arr

@@ -61,7 +61,9 @@ def iter_rows(dst: str, columns: list[str], batch_rows: int = 64) -> Iterator[di
         yield from rb.to_pylist()
 
 
-def export_images(dst: str, out: str, image_column: str = "image", format_column: str = "image_format") -> dict[str, int]:
+def export_images(
+    dst: str, out: str, image_column: str = "image", format_column: str = "image_format"
+) -> dict[str, int]:
     """Write every ok row's image bytes to ``out``; returns counts."""
     from pipeline.encode import EXTENSIONS
 
@@ -84,7 +86,7 @@ def export_images(dst: str, out: str, image_column: str = "image", format_column
         names.update(output_names([k for k, e in ok_keys.items() if e == ext], ext))
     root = Path(out).resolve()
     for row in iter_rows(dst, ["key", image_column]):
-        rel = names.get(row["key"])
+        rel = names.get(str(row["key"]))
         if rel is None or row[image_column] is None:
             continue
         target = (root / rel).resolve()
@@ -92,7 +94,7 @@ def export_images(dst: str, out: str, image_column: str = "image", format_column
             counts["unsafe_keys"] += 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(row[image_column])
+        target.write_bytes(row[image_column])  # type: ignore[arg-type]
         counts["written"] += 1
     return counts
 

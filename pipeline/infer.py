@@ -13,12 +13,14 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models import checkpoint
+from models.denoiser import ResUNetDenoiser
 from pipeline.batch import normalize, objects
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class DenoiseEngine:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         ck = checkpoint.load(checkpoint_ref, map_location="cpu")
-        self.model = ck.model.to(self.device).eval()
+        self.model = cast(ResUNetDenoiser, ck.model).to(self.device).eval()
         self.name = ck.name
         self.sha256 = ck.sha256
         self.meta = ck.meta
@@ -113,10 +115,10 @@ class DenoiseEngine:
         for i, img in enumerate(images):
             h, w = img.shape[:2]
             ph, pw = -h % m, -w % m
-            t = self._to_tensor(img)[None]
+            px = self._to_tensor(img)[None]
             if ph or pw:
-                t = F.pad(t, (0, pw, 0, ph), mode="replicate")
-            padded.append(t[0])
+                px = F.pad(px, (0, pw, 0, ph), mode="replicate")
+            padded.append(px[0])
             H, W = h + ph, w + pw
             th, tw = min(self.tile, H), min(self.tile, W)
             for y in tile_starts(H, th, self.overlap):
@@ -129,12 +131,11 @@ class DenoiseEngine:
         for group in by_shape.values():
             for j in range(0, len(group), self.batch_size):
                 chunk = group[j : j + self.batch_size]
-                x = torch.stack([padded[t.image][:, t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk])
-                s = None if sigma is None else torch.full((len(chunk),), float(sigma))
+                xb = torch.stack([padded[t.image][:, t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk])
+                sb = None if sigma is None else torch.full((len(chunk),), float(sigma))
                 with self._autocast():
-                    y = self.model(x.to(self.device), None if s is None else s.to(self.device))
-                y = y.float().cpu()
-                for t, out in zip(chunk, y):
+                    pred = self.model(xb.to(self.device), None if sb is None else sb.to(self.device))
+                for t, out in zip(chunk, pred.float().cpu()):
                     H, W = padded[t.image].shape[1:]
                     # keep each tile's inner part; edges of the image keep the tile's edge
                     y0 = 0 if t.y == 0 else self.overlap

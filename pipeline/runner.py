@@ -167,7 +167,7 @@ def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
                          "threads": threads, "num_gpus": spec.ray.num_gpus}
             log.info("actors: %s", resources)
             rows = sources.unit_rows(shards)
-            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+            ds: Any = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
             # CPU stages ask a different CPU amount than the actors so Ray does not fuse the
             # decode into the model actors (decode then runs in parallel with inference).
             stage_cpus = spec.ray.cpu_stage_cpus if spec.ray.cpu_stage_cpus != cpus else cpus / 2

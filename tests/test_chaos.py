@@ -18,7 +18,7 @@ SEED = 6
 def chaos_source(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str,
                  ray_local: Any) -> tuple[Path, list[dict[str, Any]]]:
     work = tmp_path_factory.mktemp("chaos")
-    keys = make_source(work / "src", n_images=32, seed=SEED)
+    keys = make_source(work / "src", n_images=24, seed=SEED)
     res = run_clean(work / "src", work / "reference", tiny_checkpoint)
     assert res.ok, res.manifest
     reference = read_rows(work / "reference")

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from jobs.clean import CleanConfig, build_spec
 from jobs.cli import app
 from pipeline import layout, runner
-
 from tests.conftest import encode, make_image
 
 

@@ -15,7 +15,6 @@ from PIL import Image
 
 from jobs.clean import CleanConfig, build_spec
 from pipeline import runner
-
 from tests.conftest import encode, make_image
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("ray_local")]
