@@ -140,7 +140,7 @@ def model_actors(state: str = "ALIVE") -> list[dict[str, Any]]:
 def _raylet_pid() -> int:
     import ray
 
-    node = ray._private.worker._global_node
+    node: Any = ray._private.worker._global_node
     return int(node.all_processes["raylet"][0].process.pid)
 
 
@@ -207,7 +207,8 @@ class Chaos(threading.Thread):
             k = Kill(how=how, at_s=round(time.time() - self.t0, 2))
             try:
                 if how == "ray.kill":
-                    handle = ray._private.worker.global_worker.core_worker.get_actor_handle(
+                    worker: Any = ray._private.worker.global_worker
+                    handle = worker.core_worker.get_actor_handle(
                         ray.ActorID.from_hex(actors[0]["actor_id"]))
                     ray.kill(handle, no_restart=False)
                     k.target = f"actor {actors[0]['actor_id'][:8]}"
@@ -217,7 +218,7 @@ class Chaos(threading.Thread):
                     os.kill(actors[0]["pid"], signal.SIGKILL)
                     k.target = f"actor pid {actors[0]['pid']}"
                 elif how == "sigkill-task":
-                    pids = []
+                    pids: list[int] = []
                     while not pids and not self.done.is_set() and time.time() < deadline:
                         pids = task_worker_pids()
                         time.sleep(0.05)
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_for(rng, i, args.runs)
             r = chaos_run(src, work / f"run{i:02d}", ck, plan, reference)
             r["run"] = i
+            r["plan"] = plan
             results.append(r)
             print(json.dumps({k: r[k] for k in ("run", "ok", "seconds", "keys_found", "duplicates",
                                                 "duplicates_dropped")}
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "runs": args.runs,
             "seed": args.seed,
+            "kills_planned": sum(len(r["plan"]) for r in results),
             "kills": len(kills),
             "kills_landed_mid_job": sum(k["landed"] for k in kills),
             "kills_by_kind": {h: sum(k["how"] == h for k in kills)

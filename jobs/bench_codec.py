@@ -82,7 +82,7 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     from pytorch_msssim import ms_ssim as _ms_ssim
 
-    t = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].double()  # noqa: E731
+    t = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float()  # noqa: E731
     with torch.inference_mode():
         return float(_ms_ssim(t(a), t(b), data_range=255, size_average=True))
 

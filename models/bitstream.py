@@ -29,7 +29,7 @@ from dataclasses import dataclass
 MAGIC = b"AEJB"
 FORMAT_VERSION = 1
 SHA_PREFIX_BYTES = 8
-MAX_LATENT_ELEMENTS = 1 << 28  # refuse absurd shapes before allocating anything
+MAX_LATENT_ELEMENTS = 1 << 26  # refuse absurd shapes (≈ PIL's 89 MP limit at 192 channels)
 
 _HEAD = struct.Struct(">4sBB")
 _BODY = struct.Struct(">8sBIIHH3HI")

@@ -44,8 +44,11 @@ from models.entropy import (
 )
 
 NAME = "factorized-codec"
-# CompressAI's bmshj2018 λ for qualities 1..6 (loss = λ·255²·MSE + bpp, x in [0, 1]).
-DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
+# CompressAI's bmshj2018 λ ladder (loss = λ·255²·MSE + bpp, x in [0, 1]), its qualities 2..7:
+# on Kodak its 1..6 span 0.12–0.97 bpp; the photos here are smoother (downsampled from large
+# originals) and need fewer bits at a given λ, so the ladder is shifted up one step to cover
+# about 0.2–1.2 bpp.
+DEFAULT_LAMBDAS = (0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932)
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,9 @@ class FactorizedCodec(nn.Module):
             raise bitstream.BitstreamError(f"corrupted stream: {e}") from e
         z_hat = torch.from_numpy(sym).float() + torch.from_numpy(rows.medians)[:, None, None]
         y_hat = z_hat * torch.exp(self.log_inv_gain[header.quality - 1])[:, None, None]
-        x_hat = self.g_s(y_hat[None])[0, :, : header.height, : header.width]
+        # channels-last input: PyTorch's CPU transposed convolutions run ~2x faster in it
+        y_hat = y_hat[None].contiguous(memory_format=torch.channels_last)
+        x_hat = self.g_s(y_hat)[0, :, : header.height, : header.width]
         out = torch.round(x_hat.clamp(0, 1) * 255).to(torch.uint8)
         return out.permute(1, 2, 0).contiguous().numpy()
 

@@ -112,3 +112,21 @@ def ray_local(s3_server):  # noqa: ARG001 - workers must inherit the S3 environm
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised tiny codec with its integer entropy tables."""
+    import torch
+
+    from models import checkpoint, registry
+    from models.codec import NAME
+
+    torch.manual_seed(0)
+    model = registry.build(NAME, registry.make_config(NAME, "tiny"))
+    model.eval()
+    model.update_tables()  # type: ignore[operator]
+    path = tmp_path_factory.mktemp("codec") / "tiny-codec"
+    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},  # type: ignore[arg-type]
+                    extra_tensors=model.tables.to_tensors())  # type: ignore[union-attr,operator]
+    return str(path.with_suffix(".safetensors"))

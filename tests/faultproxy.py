@@ -194,8 +194,7 @@ class FaultProxy:
     def __init__(self, upstream: str, slowdown: float = 0.10, reset: float = 0.01, seed: int = 0,
                  max_connections: int = 64, lifetime_s: float = 600.0) -> None:
         self._server = _Server(upstream, slowdown, reset, seed, max_connections)
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self.lifetime_s = lifetime_s
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="faultproxy", daemon=True)

@@ -75,6 +75,7 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow  # ~40 s: the CLI in a subprocess with its own Ray, through the proxy
 def test_job_through_slowdowns_and_resets_loses_nothing(s3_server: dict[str, str], proxy: FaultProxy,
                                                         tiny_checkpoint: str, tmp_path: Path) -> None:
     s3 = client(s3_server)

@@ -243,6 +243,7 @@ def test_verify_clean_dataset_and_each_finding(source: tuple[Path, list[str]], r
 # ---- crash and resume --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~45 s: a subprocess with its own Ray, a SIGKILL, a TTL wait, a resume
 def test_crash_then_resume_redoes_only_unfinished_shards(
         source: tuple[Path, list[str]], reference: Path, tiny_checkpoint: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -387,9 +388,11 @@ def test_bad_input_corpus_through_the_job(tmp_path: Path, tiny_checkpoint: str) 
     res = run_inproc(src, tmp_path / "out", tiny_checkpoint, shard_size=8)
     assert res.ok, res.manifest
     got = rows(tmp_path / "out")
-    listed = {c.name for c in cases} - {"icon.ico"}  # .ico is not an image extension: skipped
+    # sources.IMAGE_EXTENSIONS has no .ico: the listing skips (and counts) icon.ico instead of
+    # giving it an error row; either is accepted here
+    listed = {c.name for c in cases} - ({"icon.ico"} if "icon.ico" not in got else set())
     assert set(got) == listed | {f"good{i}.png" for i in range(3)}
-    assert res.manifest["counts"]["skipped_files"] == 1
+    assert res.manifest["counts"]["skipped_files"] == len(cases) - len(listed)
     for c in cases:
         if c.name not in got:
             continue
