@@ -184,6 +184,10 @@ def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
                 batch_format="numpy",
                 num_cpus=cpus,
                 num_gpus=spec.ray.num_gpus or None,
+                # Ray 2.60's actor-pool default, pinned: a crashed actor restarts and its tasks
+                # are retried (at-least-once; the writer drops repeated keys).
+                max_restarts=-1,
+                max_task_retries=-1,
             )
             ds = ds.map_batches(spec.post, batch_size=spec.ray.batch_size, batch_format="numpy",
                                 num_cpus=stage_cpus)
