@@ -106,6 +106,23 @@ def _finish(result: "runner.JobResult", dst: str) -> None:
     raise typer.Exit(result.exit_code)
 
 
+def _run_spec(spec: "runner.JobSpec", out: str, dry_run: bool) -> None:
+    """Shared tail of clean/compress: dry-run listing, or the job with its summary table."""
+    import json
+
+    from pipeline import layout, runner
+
+    if dry_run:
+        typer.echo(json.dumps(runner.dry_run(spec), indent=2))
+        return
+    try:
+        result = runner.run_job(spec)
+    except layout.DstError as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(2) from None
+    _finish(result, out)
+
+
 @app.command()
 def clean(
     src: Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix of images, tar shards or Parquet files.")],
@@ -130,10 +147,8 @@ def clean(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Denoise every image of SRC into a Parquet dataset at --out (one row per input)."""
-    import json
-
     from jobs.clean import CleanConfig, build_spec
-    from pipeline import encode, layout, runner
+    from pipeline import encode
 
     if format not in encode.FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(encode.FORMATS)}")
@@ -142,15 +157,7 @@ def clean(
                       shard_size=shard_size, max_error_rate=max_error_rate, limit=limit,
                       overwrite=overwrite, device=device)
     spec = build_spec(cfg, _ray_options(num_actors, num_gpus, batch_size, threads, actor_cpus, address))
-    if dry_run:
-        typer.echo(json.dumps(runner.dry_run(spec), indent=2))
-        return
-    try:
-        result = runner.run_job(spec)
-    except layout.DstError as e:
-        typer.echo(f"refused: {e}", err=True)
-        raise typer.Exit(2) from None
-    _finish(result, out)
+    _run_spec(spec, out, dry_run)
 
 
 @app.command()
@@ -186,10 +193,7 @@ def compress(
     address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
 ) -> None:
     """Compress every image of SRC into entropy-coded latents in Parquet (one row per input)."""
-    import json
-
     from jobs.compress import CompressConfig, build_spec
-    from pipeline import layout, runner
 
     cfg = CompressConfig(src=src, dst=out, quality=quality, checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
@@ -198,15 +202,7 @@ def compress(
         spec = build_spec(cfg, _ray_options(num_actors, 0.0, 1, threads, actor_cpus, address))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    if dry_run:
-        typer.echo(json.dumps(runner.dry_run(spec), indent=2))
-        return
-    try:
-        result = runner.run_job(spec)
-    except layout.DstError as e:
-        typer.echo(f"refused: {e}", err=True)
-        raise typer.Exit(2) from None
-    _finish(result, out)
+    _run_spec(spec, out, dry_run)
 
 
 @app.command()

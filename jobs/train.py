@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jobs.training import launch, optim_tensors, restore_optim
 from models import checkpoint, registry
 from models.data import load_rgb, photo_split
 from models.noise import add_awgn_uint8, degrade
@@ -117,25 +118,6 @@ def evaluate(model: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tenso
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def _restore_optim(opt: torch.optim.Optimizer, extras: dict[str, torch.Tensor]) -> bool:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in extras.items():
-        _, i, name = k.split(".", 2)
-        state.setdefault(int(i), {})[name] = v
-    if not state:
-        return False
-    sd = opt.state_dict()
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    return True
 
 
 def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +163,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.resume:
         extras = ck.meta.get("_extra_tensors", {})
-        if _restore_optim(opt, extras):
+        if restore_optim(opt, extras):
             log.info("optimizer state restored")
     ddp_model: torch.nn.Module = model
     if in_ray and world > 1:
@@ -205,7 +187,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "curve": curve,
         }
         target = path or out / tag
-        extra = _optim_tensors(opt) if dtype is None else None
+        extra = optim_tensors(opt) if dtype is None else None
         checkpoint.save(target, cfg.model, config, model, meta, dtype=dtype, extra_tensors=extra)
 
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
@@ -263,31 +245,5 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: TrainConfig, workers: int, use_gpu: bool = False) -> dict[str, Any]:
     """Train in-process (workers=0) or on Ray Train with ``workers`` DDP workers."""
-    if "CBSD68" in os.path.abspath(cfg.data):
-        raise SystemExit("CBSD68 is for evaluation only: never train on it")
-    cfg_dict = dataclasses.asdict(cfg)
-    cfg_dict["data"] = os.path.abspath(cfg.data)
-    cfg_dict["out"] = os.path.abspath(cfg.out)
-    if cfg.resume:
-        cfg_dict["resume"] = os.path.abspath(cfg.resume)
-    if cfg.release:
-        cfg_dict["release"] = os.path.abspath(cfg.release)
-    if workers <= 0:
-        return train_loop(cfg_dict)
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    return launch(train_loop, cfg, workers, use_gpu, name="train")
 
-    if not ray.is_initialized():
-        ray.init()
-    per_worker = max(1, cfg.threads or 1)
-    trainer = TorchTrainer(
-        train_loop,  # type: ignore[arg-type]  # its return value is for in-process runs
-        train_loop_config=cfg_dict,
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}
-        ),
-        run_config=RunConfig(storage_path=os.path.join(cfg_dict["out"], "ray"), name="train"),
-    )
-    result = trainer.fit()
-    return {"metrics": result.metrics}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import typer
 
+from jobs.training import launch, optim_tensors, restore_optim
 from models import checkpoint, registry
 from models.codec import FactorizedCodec, psnr_uint8
 from models.data import load_rgb, photo_split
@@ -148,26 +149,6 @@ def param_groups(model: FactorizedCodec, cfg: CodecTrainConfig) -> list[dict[str
     return [{"params": slow, "lr_mult": 1.0}, {"params": fast, "lr_mult": cfg.entropy_lr_mult}]
 
 
-def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def _restore_optim(opt: torch.optim.Optimizer, extras: dict[str, torch.Tensor]) -> bool:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in extras.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    if not state:
-        return False
-    sd = opt.state_dict()
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    return True
 
 
 def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +196,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
     model.train()
     opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
-    if cfg.resume and _restore_optim(opt, ck.meta.get("_extra_tensors", {})):
+    if cfg.resume and restore_optim(opt, ck.meta.get("_extra_tensors", {})):
         log.info("optimizer state restored")
     ddp_model: torch.nn.Module = model
     if in_ray and world > 1:
@@ -253,7 +234,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         }
         extra = tables.to_tensors()
         if not release:
-            extra.update(_optim_tensors(opt))
+            extra.update(optim_tensors(opt))
         target = Path(cfg.release) if release else out / tag
         checkpoint.save(target, cfg.model, config, m, meta,
                         dtype=torch.float16 if release else None, extra_tensors=extra)
@@ -311,34 +292,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: CodecTrainConfig, workers: int, use_gpu: bool = False) -> dict[str, Any]:
     """Train in-process (workers=0) or on Ray Train with ``workers`` DDP workers."""
-    if "CBSD68" in os.path.abspath(cfg.data):
-        raise SystemExit("CBSD68 is for evaluation only: never train on it")
-    cfg_dict = dataclasses.asdict(cfg)
-    cfg_dict["data"] = os.path.abspath(cfg.data)
-    cfg_dict["out"] = os.path.abspath(cfg.out)
-    if cfg.resume:
-        cfg_dict["resume"] = os.path.abspath(cfg.resume)
-    if cfg.release:
-        cfg_dict["release"] = os.path.abspath(cfg.release)
-    if workers <= 0:
-        return train_loop(cfg_dict)
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init()
-    per_worker = max(1, cfg.threads or 1)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=cfg_dict,
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}
-        ),
-        run_config=RunConfig(storage_path=os.path.join(cfg_dict["out"], "ray"), name="train-codec"),
-    )
-    result = trainer.fit()
-    return {"metrics": result.metrics}
+    return launch(train_loop, cfg, workers, use_gpu, name="train-codec")
 
 
 def register(train_app: typer.Typer) -> None:
