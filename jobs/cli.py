@@ -178,7 +178,7 @@ def compress(
     src: Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix of images, tar shards or Parquet files.")],
     out: Annotated[str, typer.Option("--out", help="DST: local folder or s3://bucket/prefix.")],
     quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
-    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-base",
+    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-small",
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
     num_actors: Annotated[int, typer.Option(help="Codec actors.")] = 1,
     threads: Annotated[int, typer.Option(help="torch threads per actor (0: pick).")] = 0,
