@@ -21,7 +21,7 @@ class CleanConfig:
     dst: str
     format: str = "png"
     quality: int | None = None
-    sigma: float | None = None  # None: blind (auto)
+    sigma: float | str | None = None  # None: auto (estimated per image); "blind"; or a level
     checkpoint: str = infer.DEFAULT_DENOISER
     image_column: str = "image"
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
@@ -46,7 +46,7 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         "job": "clean",
         "format": cfg.format,
         "quality": enc.resolved_quality(),
-        "sigma": "auto" if cfg.sigma is None else float(cfg.sigma),
+        "sigma": "auto" if cfg.sigma is None else cfg.sigma if isinstance(cfg.sigma, str) else float(cfg.sigma),
         "model": meta["name"],
         "checkpoint_sha256": meta["sha256"],
         "image_column": cfg.image_column,

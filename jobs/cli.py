@@ -66,9 +66,11 @@ def train_denoiser(
 FORMAT_HELP = "Output image format: png (lossless), webp or jpeg."
 
 
-def _sigma(value: str) -> float | None:
+def _sigma(value: str) -> float | str | None:
     if value.strip().lower() == "auto":
         return None
+    if value.strip().lower() == "blind":
+        return "blind"
     try:
         v = float(value)
     except ValueError:
@@ -129,7 +131,7 @@ def clean(
     out: Annotated[str, typer.Option("--out", help="DST: local folder or s3://bucket/prefix.")],
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "png",
     quality: Annotated[Optional[int], typer.Option(help="Output encoder quality (webp default 90, jpeg 92; png ignores it).")] = None,
-    sigma: Annotated[str, typer.Option(help="Noise level: 'auto' (blind) or N in 0–255 units.")] = "auto",
+    sigma: Annotated[str, typer.Option(help="Noise level: 'auto' (estimated per image), 'blind' (the network alone) or N in 0–255 units.")] = "auto",
     checkpoint: Annotated[str, typer.Option(help="Denoiser checkpoint (path or shipped name).")] = "denoiser-base",
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
     num_actors: Annotated[int, typer.Option(help="Model actors.")] = 1,

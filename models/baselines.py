@@ -200,20 +200,27 @@ class BM3D(Method):
 
 
 class AejobDenoiser(Method):
-    """The learned denoiser (``pipeline.infer.DenoiseEngine``); blind unless ``oracle=True``."""
+    """The learned denoiser (``pipeline.infer.DenoiseEngine``).
+
+    ``aejob``: the default auto mode (noise level estimated per image, no sigma given);
+    ``aejob-blind``: the network alone; ``aejob-sigma``: told the true sigma (an oracle).
+    """
 
     def __init__(self, checkpoint: str = DEFAULT_CHECKPOINT, oracle: bool = False,
-                 device: str = "cpu", threads: int = 0, engine: Any = None) -> None:
+                 device: str = "cpu", threads: int = 0, engine: Any = None, blind_net: bool = False) -> None:
         from pipeline.infer import DenoiseEngine
 
-        self.name = "aejob-sigma" if oracle else "aejob"
+        self.name = "aejob-sigma" if oracle else "aejob-blind" if blind_net else "aejob"
         self.blind = not oracle
+        self.blind_net = blind_net
         self.checkpoint = str(checkpoint)
         self.engine = engine if engine is not None else DenoiseEngine(
             self.checkpoint, device=device, threads=threads)
 
     def denoise(self, img: np.ndarray, sigma: float | None) -> np.ndarray:
-        # None: the model's own blind mode (no estimate is made for it)
+        if self.blind_net:
+            return self.engine.denoise_one(_check(img), "blind")
+        # None: the engine's auto mode (estimated level); the oracle variant gets the true one
         return self.engine.denoise_one(_check(img), None if sigma is None else float(sigma))
 
     def describe(self) -> dict[str, Any]:
@@ -229,6 +236,7 @@ _FACTORIES: dict[str, Callable[..., Method]] = {
     "nlm": lambda **kw: NLMeans(),
     "bm3d": lambda **kw: BM3D(),
     "aejob": lambda **kw: AejobDenoiser(oracle=False, **kw),
+    "aejob-blind": lambda **kw: AejobDenoiser(blind_net=True, **kw),
     "aejob-sigma": lambda **kw: AejobDenoiser(oracle=True, **kw),
 }
 

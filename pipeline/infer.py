@@ -13,7 +13,8 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import cast
+from collections.abc import Sequence
+from typing import Optional, Union, cast
 
 import numpy as np
 import torch
@@ -85,6 +86,9 @@ def estimate_sigma_pca(img: np.ndarray, patch: int = 7, crop: int = 384, stride:
     return float(np.mean(out)) if out else 0.0
 
 
+Sigma = Union[float, None, str, Sequence[Optional[float]]]
+
+
 @dataclass(frozen=True)
 class Tile:
     image: int
@@ -138,11 +142,31 @@ class DenoiseEngine:
     def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255)
 
+    def conditions(self, images: list[np.ndarray], sigma: Sigma) -> list[float]:
+        """The noise level handed to the network per image (negative = blind).
+
+        ``None`` (auto): each image's estimated sigma. The network was trained with the true
+        level on half of its samples and blind on the rest; on held-out photos feeding the
+        estimate was never worse than blind and kept clean images closer to the input
+        (44.2 vs 42.0 dB). ``"blind"``: the network judges alone. A number: that level for all.
+        """
+        if sigma == "blind":
+            return [-1.0] * len(images)
+        if sigma is None:
+            return [estimate_sigma(img) for img in images]
+        if isinstance(sigma, (int, float)):
+            return [float(sigma)] * len(images)
+        return [-1.0 if s is None else float(s) for s in sigma]
+
     @torch.inference_mode()
     def denoise(
-        self, images: list[np.ndarray], sigma: float | None = None
+        self, images: list[np.ndarray], sigma: Sigma = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
-        """Denoise uint8 HxWx3 images; returns (cleaned uint8 images, embeddings [N, D])."""
+        """Denoise uint8 HxWx3 images; returns (cleaned uint8 images, embeddings [N, D]).
+
+        sigma: None (auto: estimate per image), "blind", one level for all, or one per image.
+        """
+        levels = self.conditions(images, sigma)
         m = self.multiple
         padded: list[torch.Tensor] = []
         tiles: list[Tile] = []
@@ -166,9 +190,9 @@ class DenoiseEngine:
             for j in range(0, len(group), self.batch_size):
                 chunk = group[j : j + self.batch_size]
                 xb = torch.stack([padded[t.image][:, t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk])
-                sb = None if sigma is None else torch.full((len(chunk),), float(sigma))
+                sb = torch.tensor([levels[t.image] for t in chunk], dtype=torch.float32)
                 with self._autocast():
-                    pred = self.model(xb.to(self.device), None if sb is None else sb.to(self.device))
+                    pred = self.model(xb.to(self.device), sb.to(self.device))
                 for t, out in zip(chunk, pred.float().cpu()):
                     H, W = padded[t.image].shape[1:]
                     # keep each tile's inner part; edges of the image keep the tile's edge
@@ -197,7 +221,7 @@ class DenoiseEngine:
             b = self.model.bottleneck(x.to(self.device))
         return self.model.embed(b).cpu().numpy().astype(np.float32)
 
-    def denoise_one(self, img: np.ndarray, sigma: float | None = None) -> np.ndarray:
+    def denoise_one(self, img: np.ndarray, sigma: Sigma = None) -> np.ndarray:
         return self.denoise([img], sigma)[0][0]
 
 
@@ -228,7 +252,7 @@ class DenoiseActor:
     def __init__(
         self,
         checkpoint_ref: str = DEFAULT_DENOISER,
-        sigma: float | None = None,
+        sigma: float | str | None = None,
         threads: int = 0,
         device: str = "auto",
         tile: int = 512,
@@ -249,7 +273,10 @@ class DenoiseActor:
         emb: list[object] = [None] * n
         pixels = list(batch["pixels"])
         if idx:
-            cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], self.sigma)
+            sigma: Sigma = self.sigma
+            if sigma is None and "noise_sigma" in batch:  # auto: the CPU stage already estimated it
+                sigma = [float(batch["noise_sigma"][i]) for i in idx]
+            cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], sigma)
             for j, i in enumerate(idx):
                 pixels[i] = cleaned[j].tobytes()
                 emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls

@@ -40,7 +40,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_registry_of_methods() -> None:
-    assert set(METHOD_NAMES) == {"noisy", "gaussian", "median", "nlm", "bm3d", "aejob",
+    assert set(METHOD_NAMES) == {"noisy", "gaussian", "median", "nlm", "bm3d", "aejob", "aejob-blind",
                                  "aejob-sigma"}
     for name in ("noisy", "gaussian", "median", "nlm"):
         m = get_method(name, checkpoint="ignored")
