@@ -227,7 +227,7 @@ def decompress(dst: str, out: str, fmt: str = "png", max_error_rate: float = 1.0
     cluster_cpus = float(ray.cluster_resources().get("CPU", 2))
     cpus, threads = runner.actor_resources(ray_opts, cluster_cpus)
     fs, path = storage.resolve(dst)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["key", "status", "error", "latent", "codec"])
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["key", "status", "error", "latent", "codec"])
     ds = ds.map_batches(
         DecompressActor, fn_constructor_kwargs={"checkpoint_ref": ck_ref, "out": out, "names": names,
                                                 "fmt": fmt, "threads": threads},
