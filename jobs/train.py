@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.training import launch, optim_tensors, restore_optim
+from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim
 from models import checkpoint, registry
 from models.data import load_rgb, photo_split
 from models.noise import add_awgn_uint8, degrade
@@ -60,32 +60,7 @@ def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     fraction of this run's wall-clock budget used: on a busy machine the decay still completes
     by the deadline instead of being cut off at a high learning rate.
     """
-    warmup = 100
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    t = min(1.0, max((step - warmup) / max(1, cfg.steps - warmup), time_frac))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-class PatchSampler:
-    """Random crops with flips and 90° rotations from images held in memory."""
-
-    def __init__(self, images: list[np.ndarray], seed: int) -> None:
-        self.images = images
-        self.rng = np.random.default_rng(seed)
-
-    def batch(self, size: int, n: int) -> torch.Tensor:
-        out = np.empty((n, size, size, 3), np.uint8)
-        for i in range(n):
-            img = self.images[self.rng.integers(len(self.images))]
-            h, w = img.shape[:2]
-            y, x = self.rng.integers(0, h - size + 1), self.rng.integers(0, w - size + 1)
-            p = img[y : y + size, x : x + size]
-            p = np.rot90(p, int(self.rng.integers(4)))
-            if self.rng.random() < 0.5:
-                p = p[:, ::-1]
-            out[i] = p
-        return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
+    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.steps, 100, time_frac)
 
 
 def holdout_set(data: str, crop: int, sigma: float = 25.0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import typer
 
-from jobs.training import launch, optim_tensors, restore_optim
+from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim
 from models import checkpoint, registry
 from models.codec import FactorizedCodec, psnr_uint8
 from models.data import load_rgb, photo_split
@@ -62,35 +61,7 @@ class CodecTrainConfig:
 
 
 def lr_at(step: int, cfg: CodecTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-class CropSampler:
-    """Random crops with horizontal/vertical flips from images held in memory."""
-
-    def __init__(self, images: list[np.ndarray], seed: int) -> None:
-        self.images = images
-        self.rng = np.random.default_rng(seed)
-
-    def batch(self, size: int, n: int) -> torch.Tensor:
-        out = np.empty((n, size, size, 3), np.uint8)
-        for i in range(n):
-            img = self.images[self.rng.integers(len(self.images))]
-            h, w = img.shape[:2]
-            if h < size or w < size:  # tiny test images: tile them up to the crop size
-                img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), "reflect")
-                h, w = img.shape[:2]
-            y, x = self.rng.integers(0, h - size + 1), self.rng.integers(0, w - size + 1)
-            p = img[y : y + size, x : x + size]
-            if self.rng.random() < 0.5:
-                p = p[:, ::-1]
-            if self.rng.random() < 0.5:
-                p = p[::-1]
-            out[i] = p
-        return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
+    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup)
 
 
 def holdout_crops(data: str, crop: int, limit: int = 0) -> list[np.ndarray]:
@@ -192,7 +163,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"{cfg.model} is not a codec model")
     # Data and noise streams continue (differently) after a resume instead of repeating.
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
-    sampler = CropSampler(images, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
+    sampler = PatchSampler(images, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
     qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
     model.train()
     opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)

@@ -4,11 +4,47 @@ in safetensors (so a resumed run continues Adam's moments, without pickles)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+
+
+def cosine_lr(step: int, lr: float, min_lr: float, steps: int, warmup: int = 100,
+              time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to ``min_lr``; progress is the larger of step progress
+    and ``time_frac`` (the share of a wall-clock budget used, so decay ends by a deadline)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, max((step - warmup) / max(1, steps - warmup), time_frac))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+class PatchSampler:
+    """Random crops with 90° rotations and flips from images held in memory (tiny images are
+    reflect-padded up to the crop size)."""
+
+    def __init__(self, images: list[np.ndarray], seed: int) -> None:
+        self.images = images
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int, n: int) -> torch.Tensor:
+        out = np.empty((n, size, size, 3), np.uint8)
+        for i in range(n):
+            img = self.images[self.rng.integers(len(self.images))]
+            h, w = img.shape[:2]
+            if h < size or w < size:
+                img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), "reflect")
+                h, w = img.shape[:2]
+            y, x = self.rng.integers(0, h - size + 1), self.rng.integers(0, w - size + 1)
+            p = np.rot90(img[y : y + size, x : x + size], int(self.rng.integers(4)))
+            if self.rng.random() < 0.5:
+                p = p[:, ::-1]
+            out[i] = p
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
 
 
 def optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
