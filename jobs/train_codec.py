@@ -184,7 +184,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     def save(tag: str, release: bool = False) -> None:
         m = model
         if release:  # tables for exactly the weights the float16 file holds
-            m = registry.build(cfg.model, config)
+            m = registry.build(cfg.model, config)  # type: ignore[assignment]
             m.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
         m.eval()
         tables = m.update_tables()

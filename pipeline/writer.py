@@ -139,8 +139,9 @@ class ShardWriter:
                 continue
             st.received[unit].add(key)
             row = {name: _value(batch[name][i]) if name in batch else None for name in self.schema.names}
-            if isinstance(row.get("embedding"), bytes):
-                row["embedding"] = np.frombuffer(row["embedding"], dtype=np.float32).tolist()
+            emb = row.get("embedding")
+            if isinstance(emb, bytes):
+                row["embedding"] = np.frombuffer(emb, dtype=np.float32).tolist()
             owner = self.seen_keys.get(key)
             if owner is not None and owner != shard:  # two source containers used the same key
                 row.update(key=f"{key}#dup-{shard}", status="error", image=None,
@@ -149,8 +150,9 @@ class ShardWriter:
             st.counts["ok" if row["status"] == "ok" else "error"] += 1
             st.rows.append(row)
             for col in ("image", "latent"):
-                if row.get(col):
-                    st.buffered_bytes += len(row[col])
+                blob = row.get(col)
+                if isinstance(blob, (bytes, bytearray)):
+                    st.buffered_bytes += len(blob)
             if len(st.rows) >= ROW_GROUP_ROWS or st.buffered_bytes >= ROW_GROUP_BYTES:
                 self._flush(st)
         done = []
