@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Optional, Union, cast
 
 import numpy as np
