@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Union, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def estimate_sigma_pca(img: np.ndarray, patch: int = 7, crop: int = 384, stride:
     return float(np.mean(out)) if out else 0.0
 
 
-Sigma = Union[float, None, str, Sequence[Optional[float]]]
+Sigma = float | str | Sequence[float | None] | None
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def test_keep_if_smaller_keeps_source_bytes(tmp_path: Path, tiny_codec: str) -> 
     assert rows["flat.png"]["codec"] == "original" and rows["flat.png"]["latent"] == tiny_png
     report = decompress(str(dst), str(tmp_path / "o"))
     assert report["counts"]["ok"] == 2
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "flat.png").convert("RGB")), np.zeros((8, 8, 3), np.uint8))
+    decoded = np.asarray(Image.open(tmp_path / "o" / "flat.png").convert("RGB"))
+    assert np.array_equal(decoded, np.zeros((8, 8, 3), np.uint8))
 
 
 def test_bad_quality_is_refused(image_folder: Path, tmp_path: Path, tiny_codec: str) -> None:
