@@ -161,7 +161,7 @@ def _machine(threads: int) -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        usable = os.cpu_count()
+        usable = os.cpu_count() or 1
     try:
         load = list(os.getloadavg())
     except OSError:

@@ -158,17 +158,19 @@ class FactorizedCodec(nn.Module):
         each output sums fan_in = Cin·k² taps (Cin·k²/4 for a stride-2 transposed conv)."""
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):
-                fan_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+                fan_in: float = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
             elif isinstance(mod, nn.ConvTranspose2d):
                 k = mod.kernel_size[0] * mod.kernel_size[1]
                 fan_in = mod.in_channels * k / (mod.stride[0] * mod.stride[1])
             else:
                 continue
             nn.init.normal_(mod.weight, std=math.sqrt(1.0 / fan_in))
-            nn.init.zeros_(mod.bias)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
         last = self.g_s[-1]
         assert isinstance(last, nn.ConvTranspose2d)
-        nn.init.constant_(last.bias, 0.5)  # start at mid-grey rather than black
+        if last.bias is not None:
+            nn.init.constant_(last.bias, 0.5)  # start at mid-grey rather than black
 
     # ---------------------------------------------------------------- training
     def _quality_index(self, quality: int | torch.Tensor, n: int) -> torch.Tensor:

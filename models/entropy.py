@@ -213,7 +213,7 @@ class EntropyTables:
     lengths: np.ndarray  # int32 (R,)
     offsets: np.ndarray  # int32 (R,)
     precision: int = DEFAULT_PRECISION
-    medians: np.ndarray | None = None  # float32 (R,)
+    medians: np.ndarray = None  # type: ignore[assignment]  # float32 (R,); zeros when not given
     _models: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -270,7 +270,7 @@ class EntropyTables:
             cdf[r, 0] = 0
             cdf[r, 1 : len(f) + 1] = np.cumsum(f)
         lengths = np.array([len(f) - 1 for f in freqs])
-        return cls(cdf, lengths, np.asarray(offsets), precision, medians)
+        return cls(cdf, lengths, np.asarray(offsets), precision, medians)  # type: ignore[arg-type]
 
     def to_tensors(self, prefix: str = "entropy.") -> dict[str, torch.Tensor]:
         return {
@@ -338,7 +338,7 @@ def build_tables(
         p = pmf[r, :n]
         escape = max(0.0, 1.0 - float(p.sum()))
         pmfs.append(np.concatenate([p, [escape]]))
-    return EntropyTables.from_pmfs(pmfs, lo_flat, precision, med.reshape(-1).float().numpy())
+    return EntropyTables.from_pmfs(pmfs, [int(v) for v in lo_flat], precision, med.reshape(-1).float().numpy())
 
 
 # --------------------------------------------------------------------------------------------
