@@ -13,7 +13,6 @@ import html
 import io
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
+
+from models.metrics import psnr_uint8
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -41,8 +42,7 @@ def noise_seed(seed: int, image_index: int, sigma: float) -> int:
 
 
 def psnr(ref: np.ndarray, out: np.ndarray) -> float:
-    mse = float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
+    return psnr_uint8(ref, out, PSNR_CAP)
 
 
 def ssim(ref: np.ndarray, out: np.ndarray) -> float:

@@ -26,8 +26,9 @@ import torch
 import typer
 from PIL import Image
 
-from models.codec import CodecEngine, macs_per_pixel, param_count, psnr_uint8
+from models.codec import CodecEngine, macs_per_pixel, param_count
 from models.data import list_images, load_rgb, photo_split
+from models.metrics import psnr_uint8
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,11 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
 def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads: int,
                    out_dir: str, num_actors: int = 1, batch_size: int = 4) -> dict[str, Any]:
     from jobs.clean import CleanConfig, build_spec
     from models.data import list_images, load_rgb
+    from models.metrics import psnr_uint8 as _psnr
     from models.noise import add_awgn_uint8
     from pipeline import runner
     from pipeline.decode import decode_image

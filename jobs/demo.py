@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.metrics import psnr_uint8
 from models.noise import add_awgn_uint8
 from pipeline.export import dataset
 
@@ -19,9 +20,7 @@ log = logging.getLogger(__name__)
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+psnr = psnr_uint8  # noqa: E305
 
 
 def sample_images() -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim
+from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim, worker_context
 from models import checkpoint, registry
 from models.data import load_rgb, photo_split
 from models.noise import add_awgn_uint8, degrade
@@ -93,19 +93,12 @@ def evaluate(model: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tenso
     return float(np.mean(vals)) if vals else float("nan")
 
 
-
-
 def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(**{**cfg_dict, "patch_sizes": tuple(cfg_dict["patch_sizes"])})
-    rank, world = 0, 1
-    try:  # under Ray Train
+    rank, world, in_ray = worker_context()
+    if in_ray:
         import ray.train
-
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        in_ray = True
-    except Exception:
-        in_ray = False
+        import ray.train.torch
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 import typer
 
-from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim
+from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim, worker_context
 from models import checkpoint, registry
-from models.codec import FactorizedCodec, psnr_uint8
+from models.codec import FactorizedCodec
 from models.data import load_rgb, photo_split
+from models.metrics import psnr_uint8
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +121,12 @@ def param_groups(model: FactorizedCodec, cfg: CodecTrainConfig) -> list[dict[str
     return [{"params": slow, "lr_mult": 1.0}, {"params": fast, "lr_mult": cfg.entropy_lr_mult}]
 
 
-
-
 def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     cfg = CodecTrainConfig(**cfg_dict)
-    rank, world = 0, 1
-    try:  # under Ray Train
+    rank, world, in_ray = worker_context()
+    if in_ray:
         import ray.train
-
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        in_ray = True
-    except Exception:
-        in_ray = False
+        import ray.train.torch
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

@@ -47,6 +47,17 @@ class PatchSampler:
         return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
 
 
+def worker_context() -> tuple[int, int, bool]:
+    """(rank, world size, under Ray Train?) of the calling training loop."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), True
+    except Exception:  # not inside a Ray Train worker: a plain in-process run
+        return 0, 1, False
+
+
 def optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for i, st in opt.state_dict()["state"].items():

@@ -393,11 +393,6 @@ def bpp(data: bytes, width: int, height: int) -> float:
     return len(data) * 8 / (width * height)
 
 
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def register_all(register: Any, entry_cls: Any) -> None:
     register(
         entry_cls(
