@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim, worker_context
+from jobs.training import LRSchedule, PatchSampler, launch, optim_tensors, restore_optim, worker_context
 from models import checkpoint, registry
 from models.data import load_rgb, photo_split
 from models.noise import add_awgn_uint8, degrade
@@ -51,16 +51,6 @@ class TrainConfig:
     limit_images: int = 0  # tests: use only the first N training images
     eval_crop: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to ``min_lr``.
-
-    The schedule's progress is the larger of step progress and, with ``--max-minutes``, the
-    fraction of this run's wall-clock budget used: on a busy machine the decay still completes
-    by the deadline instead of being cut off at a high learning rate.
-    """
-    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.steps, 100, time_frac)
 
 
 def holdout_set(data: str, crop: int, sigma: float = 25.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,10 +119,9 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         model = registry.build(cfg.model, config)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    if cfg.resume:
-        extras = ck.meta.get("_extra_tensors", {})
-        if restore_optim(opt, extras):
-            log.info("optimizer state restored")
+    restored = bool(cfg.resume) and restore_optim(opt, ck.meta.get("_extra_tensors", {}))
+    if restored:
+        log.info("optimizer state restored")
     ddp_model: torch.nn.Module = model
     if in_ray and world > 1:
         ddp_model = ray.train.torch.prepare_model(model)
@@ -159,14 +148,8 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         checkpoint.save(target, cfg.model, config, model, meta, dtype=dtype, extra_tensors=extra)
 
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
-    start_step = step
-
-    def time_frac() -> float:
-        """Fraction of the wall-clock budget used, mapped onto the rest of the schedule."""
-        if not cfg.max_minutes:
-            return 0.0
-        done = (start_step - 100) / max(1, cfg.steps - 100) if start_step > 100 else 0.0
-        return done + (1 - done) * (time.time() - t0) / (cfg.max_minutes * 60)
+    lr_at = LRSchedule(cfg.lr, cfg.min_lr, cfg.steps, 100, cfg.max_minutes, step,
+                       rewarm=bool(cfg.resume) and not restored)
 
     lr = cfg.lr
     while step < cfg.steps and time.time() < deadline:
@@ -174,7 +157,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         n = max(1, cfg.pixels_per_batch // (size * size))
         clean = sampler.batch(size, n)
         noisy, cond = degrade(clean, gen, sigma_max=cfg.sigma_max)
-        lr = lr_at(step, cfg, time_frac())
+        lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
         loss = F.l1_loss(ddp_model(noisy, cond), clean)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import typer
 
-from jobs.training import PatchSampler, cosine_lr, launch, optim_tensors, restore_optim, worker_context
+from jobs.training import LRSchedule, PatchSampler, launch, optim_tensors, restore_optim, worker_context
 from models import checkpoint, registry
 from models.codec import FactorizedCodec
 from models.data import load_rgb, photo_split
@@ -59,10 +59,6 @@ class CodecTrainConfig:
     limit_images: int = 0  # tests: use only the first N training photos
     eval_crop: int = 256
     eval_limit: int = 0  # evaluate on the first N held-out photos only (0: all)
-
-
-def lr_at(step: int, cfg: CodecTrainConfig) -> float:
-    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup)
 
 
 def holdout_crops(data: str, crop: int, limit: int = 0) -> list[np.ndarray]:
@@ -161,8 +157,11 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
     model.train()
     opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
-    if cfg.resume and restore_optim(opt, ck.meta.get("_extra_tensors", {})):
+    restored = bool(cfg.resume) and restore_optim(opt, ck.meta.get("_extra_tensors", {}))
+    if restored:
         log.info("optimizer state restored")
+    lr_at = LRSchedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup, cfg.max_minutes, step,
+                       rewarm=bool(cfg.resume) and not restored)
     ddp_model: torch.nn.Module = model
     if in_ray and world > 1:
         ddp_model = ray.train.torch.prepare_model(model)
@@ -206,7 +205,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
     def record() -> None:
         point: dict[str, Any] = {
-            "step": step, "minutes": minutes(), "lr": lr_at(step, cfg),
+            "step": step, "minutes": minutes(), "lr": lr_at(step),
             **{k: round(float(np.mean(v)), 4) if v else None for k, v in stats.items()},
         }
         for v in stats.values():
@@ -224,7 +223,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         x = sampler.batch(cfg.crop, cfg.batch)
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg) * g["lr_mult"]
+            g["lr"] = lr_at(step) * g["lr_mult"]
         loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas)
         if not torch.isfinite(loss) and world == 1:  # skip the batch, keep the weights
             bad_steps += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,38 @@ def cosine_lr(step: int, lr: float, min_lr: float, steps: int, warmup: int = 100
         return lr * (step + 1) / warmup
     t = min(1.0, max((step - warmup) / max(1, steps - warmup), time_frac))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+class LRSchedule:
+    """The learning rate of both training loops: ``cosine_lr`` over ``steps``.
+
+    With ``max_minutes`` the progress is also driven by this run's wall clock (mapped onto the
+    part of the schedule a resumed run has left), so on a busy machine the decay still ends by
+    the deadline instead of being cut off at a high rate. A run resumed without Adam's moments
+    (a float16 release has none) warms up again: Adam's first steps move every weight by about
+    ``lr``, which would knock a trained model off its optimum.
+    """
+
+    def __init__(self, lr: float, min_lr: float, steps: int, warmup: int, max_minutes: float = 0.0,
+                 start_step: int = 0, rewarm: bool = False) -> None:
+        self.lr, self.min_lr, self.steps, self.warmup = lr, min_lr, steps, warmup
+        self.max_minutes, self.start_step, self.rewarm = max_minutes, start_step, rewarm
+        self.t0 = time.time()
+
+    def time_frac(self, now: float | None = None) -> float:
+        if not self.max_minutes:
+            return 0.0
+        s0, w = self.start_step, self.warmup
+        done = (s0 - w) / max(1, self.steps - w) if s0 > w else 0.0
+        used = ((time.time() if now is None else now) - self.t0) / (self.max_minutes * 60)
+        return done + (1 - done) * min(1.0, used)
+
+    def __call__(self, step: int, now: float | None = None) -> float:
+        lr = cosine_lr(step, self.lr, self.min_lr, self.steps, self.warmup, self.time_frac(now))
+        since = step - self.start_step
+        if self.rewarm and self.start_step >= self.warmup and since < self.warmup:
+            lr *= (since + 1) / self.warmup
+        return lr
 
 
 class PatchSampler:
