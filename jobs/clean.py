@@ -31,6 +31,7 @@ class CleanConfig:
     overwrite: bool = False
     device: str = "auto"
     tile: int = 512
+    ensemble: int = 1  # rotated/mirrored views averaged per tile (1, 2, 4, 8)
 
 
 def prepare_batch(batch: Batch, options: decode.DecodeOptions) -> Batch:
@@ -52,6 +53,8 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         "image_column": cfg.image_column,
         "max_pixels": cfg.max_pixels,
     }
+    if cfg.ensemble != 1:  # only then: datasets made before the option still resume
+        fingerprint["ensemble"] = cfg.ensemble
     dim = int(meta["config"]["channels"][-1])
     return runner.JobSpec(
         job="clean",
@@ -62,7 +65,7 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
         actor_cls=infer.DenoiseActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "sigma": cfg.sigma, "device": cfg.device,
-                      "tile": cfg.tile},
+                      "tile": cfg.tile, "ensemble": cfg.ensemble},
         post=partial(encode.encode_batch, options=enc),
         image_column=cfg.image_column,
         shard_size=cfg.shard_size,

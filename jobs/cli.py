@@ -147,17 +147,21 @@ def clean(
     dry_run: Annotated[bool, typer.Option(help="List what would be processed, with bytes and a time estimate.")] = False,
     address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ensemble: Annotated[int, typer.Option(help="Average the model over 1, 2, 4 or 8 rotated/mirrored views (slower, a little cleaner).")] = 1,
 ) -> None:
     """Denoise every image of SRC into a Parquet dataset at --out (one row per input)."""
     from jobs.clean import CleanConfig, build_spec
     from pipeline import encode
+    from pipeline.infer import ENSEMBLES
 
     if format not in encode.FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(encode.FORMATS)}")
+    if ensemble not in ENSEMBLES:
+        raise typer.BadParameter(f"--ensemble must be one of {', '.join(map(str, ENSEMBLES))}")
     cfg = CleanConfig(src=src, dst=out, format=format, quality=quality, sigma=_sigma(sigma),
                       checkpoint=checkpoint, image_column=image_column, max_pixels=max_pixels,
                       shard_size=shard_size, max_error_rate=max_error_rate, limit=limit,
-                      overwrite=overwrite, device=device)
+                      overwrite=overwrite, device=device, ensemble=ensemble)
     spec = build_spec(cfg, _ray_options(num_actors, num_gpus, batch_size, threads, actor_cpus, address))
     _run_spec(spec, out, dry_run)
 

@@ -203,14 +203,19 @@ class AejobDenoiser(Method):
     """The learned denoiser (``pipeline.infer.DenoiseEngine``).
 
     ``aejob``: the default auto mode (noise level estimated per image, no sigma given);
-    ``aejob-blind``: the network alone; ``aejob-sigma``: told the true sigma (an oracle).
+    ``aejob-blind``: the network alone; ``aejob-sigma``: told the true sigma (an oracle);
+    ``aejob-x4``/``aejob-x8``: auto mode averaged over 4/8 rotated and mirrored views.
     """
 
     def __init__(self, checkpoint: str = DEFAULT_CHECKPOINT, oracle: bool = False,
-                 device: str = "cpu", threads: int = 0, engine: Any = None, blind_net: bool = False) -> None:
+                 device: str = "cpu", threads: int = 0, engine: Any = None, blind_net: bool = False,
+                 ensemble: int = 1) -> None:
         from pipeline.infer import DenoiseEngine
 
         self.name = "aejob-sigma" if oracle else "aejob-blind" if blind_net else "aejob"
+        if ensemble > 1:
+            self.name += f"-x{ensemble}"
+        self.ensemble = ensemble
         self.blind = not oracle
         self.blind_net = blind_net
         self.checkpoint = str(checkpoint)
@@ -219,14 +224,14 @@ class AejobDenoiser(Method):
 
     def denoise(self, img: np.ndarray, sigma: float | None) -> np.ndarray:
         if self.blind_net:
-            return self.engine.denoise_one(_check(img), "blind")
+            return self.engine.denoise_one(_check(img), "blind", self.ensemble)
         # None: the engine's auto mode (estimated level); the oracle variant gets the true one
-        return self.engine.denoise_one(_check(img), None if sigma is None else float(sigma))
+        return self.engine.denoise_one(_check(img), None if sigma is None else float(sigma), self.ensemble)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "checkpoint": self.checkpoint,
                 "model": self.engine.name, "sha256": self.engine.sha256,
-                "device": str(self.engine.device)}
+                "device": str(self.engine.device), "ensemble": self.ensemble}
 
 
 _FACTORIES: dict[str, Callable[..., Method]] = {
@@ -238,6 +243,9 @@ _FACTORIES: dict[str, Callable[..., Method]] = {
     "aejob": lambda **kw: AejobDenoiser(oracle=False, **kw),
     "aejob-blind": lambda **kw: AejobDenoiser(blind_net=True, **kw),
     "aejob-sigma": lambda **kw: AejobDenoiser(oracle=True, **kw),
+    "aejob-x2": lambda **kw: AejobDenoiser(ensemble=2, **kw),
+    "aejob-x4": lambda **kw: AejobDenoiser(ensemble=4, **kw),
+    "aejob-x8": lambda **kw: AejobDenoiser(ensemble=8, **kw),
 }
 
 #: Every method name ``get_method`` knows.

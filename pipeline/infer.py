@@ -107,6 +107,19 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
+# Self-ensemble views (quarter turns, mirror) in the order they are added: x2 pairs the image
+# with its transpose, x4 adds the half turn and the anti-transpose, x8 is the whole dihedral group.
+VIEWS: tuple[tuple[int, bool], ...] = ((0, False), (1, True), (2, False), (3, True),
+                                      (1, False), (0, True), (3, False), (2, True))
+ENSEMBLES = (1, 2, 4, 8)
+
+
+def check_ensemble(n: int) -> int:
+    if n not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))}, not {n}")
+    return n
+
+
 class DenoiseEngine:
     def __init__(
         self,
@@ -117,6 +130,7 @@ class DenoiseEngine:
         overlap: int = 32,
         batch_size: int = 4,
         amp: bool = True,
+        ensemble: int = 1,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -131,6 +145,7 @@ class DenoiseEngine:
         self.overlap = max(0, min(overlap, self.tile // 4))  # tiles must advance
         self.batch_size = max(1, batch_size)
         self.amp = amp and self.device.type == "cuda"
+        self.ensemble = check_ensemble(ensemble)
         self.embedding_dim = int(ck.config.embedding_dim)
         self.embedding_model = f"{self.name}:bottleneck-avg@{EMBED_SIZE}:{self.sha256[:12]}"
 
@@ -158,14 +173,28 @@ class DenoiseEngine:
             return [float(sigma)] * len(images)
         return [-1.0 if s is None else float(s) for s in sigma]
 
+    def _predict(self, xb: torch.Tensor, sb: torch.Tensor, ensemble: int) -> torch.Tensor:
+        """The network on a batch of tiles, averaged over ``ensemble`` rotated/mirrored views
+        (each mapped back first): residual errors of the views are partly independent, so the
+        mean is closer to the clean image, at ``ensemble`` times the compute."""
+        acc = torch.zeros_like(xb)
+        for turns, mirror in VIEWS[:ensemble]:
+            v = torch.rot90(xb.flip(-1) if mirror else xb, turns, (-2, -1))
+            with self._autocast():
+                out = torch.rot90(self.model(v, sb).float(), -turns, (-2, -1))
+            acc += out.flip(-1) if mirror else out
+        return acc / ensemble
+
     @torch.inference_mode()
     def denoise(
-        self, images: list[np.ndarray], sigma: Sigma = None
+        self, images: list[np.ndarray], sigma: Sigma = None, ensemble: int | None = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """Denoise uint8 HxWx3 images; returns (cleaned uint8 images, embeddings [N, D]).
 
         sigma: None (auto: estimate per image), "blind", one level for all, or one per image.
+        ensemble: views averaged per tile (1, 2, 4, 8); the engine's setting when None.
         """
+        views = self.ensemble if ensemble is None else check_ensemble(ensemble)
         levels = self.conditions(images, sigma)
         m = self.multiple
         padded: list[torch.Tensor] = []
@@ -191,9 +220,8 @@ class DenoiseEngine:
                 chunk = group[j : j + self.batch_size]
                 xb = torch.stack([padded[t.image][:, t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk])
                 sb = torch.tensor([levels[t.image] for t in chunk], dtype=torch.float32)
-                with self._autocast():
-                    pred = self.model(xb.to(self.device), sb.to(self.device))
-                for t, out in zip(chunk, pred.float().cpu()):
+                pred = self._predict(xb.to(self.device), sb.to(self.device), views)
+                for t, out in zip(chunk, pred.cpu()):
                     H, W = padded[t.image].shape[1:]
                     # keep each tile's inner part; edges of the image keep the tile's edge
                     y0 = 0 if t.y == 0 else self.overlap
@@ -221,8 +249,8 @@ class DenoiseEngine:
             b = self.model.bottleneck(x.to(self.device))
         return self.model.embed(b).cpu().numpy().astype(np.float32)
 
-    def denoise_one(self, img: np.ndarray, sigma: Sigma = None) -> np.ndarray:
-        return self.denoise([img], sigma)[0][0]
+    def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
+        return self.denoise([img], sigma, ensemble)[0][0]
 
 
 def pixels_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
@@ -257,11 +285,12 @@ class DenoiseActor:
         device: str = "auto",
         tile: int = 512,
         batch_size: int = 4,
+        ensemble: int = 1,
     ) -> None:
         # Fractional-CPU actors get OMP_NUM_THREADS=1 from Ray; set torch's threads ourselves.
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=threads, tile=tile,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, ensemble=ensemble)
         self.sigma = sigma
         log.info("denoiser %s on %s, %d threads", self.engine.name, self.engine.device,
                  torch.get_num_threads())
