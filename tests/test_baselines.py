@@ -41,7 +41,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_registry_of_methods() -> None:
     assert set(METHOD_NAMES) == {"noisy", "gaussian", "median", "nlm", "bm3d", "aejob", "aejob-blind",
-                                 "aejob-sigma"}
+                                 "aejob-sigma", "aejob-x2", "aejob-x4", "aejob-x8"}
     for name in ("noisy", "gaussian", "median", "nlm"):
         m = get_method(name, checkpoint="ignored")
         assert isinstance(m, Method) and m.name == name and not m.blind
