@@ -16,20 +16,11 @@ Batch = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class CleanConfig:
-    src: str
-    dst: str
+class CleanConfig(runner.JobConfig):
     format: str = "png"
     quality: int | None = None
     sigma: float | str | None = None  # None: auto (estimated per image); "blind"; or a level
     checkpoint: str = infer.DEFAULT_DENOISER
-    image_column: str = "image"
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS
-    shard_size: int = 256
-    max_error_rate: float = 1.0
-    limit: int = 0
-    overwrite: bool = False
-    device: str = "auto"
     tile: int = 512
     ensemble: int = 1  # rotated/mirrored views averaged per tile (1, 2, 4, 8)
 

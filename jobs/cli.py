@@ -65,6 +65,21 @@ def train_denoiser(
 
 FORMAT_HELP = "Output image format: png (lossless), webp or jpeg."
 
+# Options every SRC -> DST job shares (runner.JobConfig / runner.RayOptions), declared once.
+SrcArg = Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix of images, tar shards or Parquet files.")]
+DstOpt = Annotated[str, typer.Option("--out", help="DST: local folder or s3://bucket/prefix.")]
+ThreadsOpt = Annotated[int, typer.Option(help="torch threads per actor (0: pick).")]
+ActorCpusOpt = Annotated[float, typer.Option(help="CPUs each actor reserves (0: pick).")]
+ImageColumnOpt = Annotated[str, typer.Option(help="Binary image column of Parquet inputs.")]
+MaxErrorRateOpt = Annotated[float, typer.Option(help="Fail the job when the error-row rate exceeds this (judged after 1,000 rows, or all).")]
+MaxPixelsOpt = Annotated[int, typer.Option(help="Decompression-bomb guard: largest image in pixels.")]
+ShardSizeOpt = Annotated[int, typer.Option(help="Loose files per output shard.")]
+LimitOpt = Annotated[int, typer.Option(help="Process only the first N inputs (files or containers).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a DST made with different settings.")]
+DryRunOpt = Annotated[bool, typer.Option(help="List what would be processed, with bytes and a time estimate.")]
+AddressOpt = Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
 
 def _sigma(value: str) -> float | str | None:
     if value.strip().lower() == "auto":
@@ -127,27 +142,27 @@ def _run_spec(spec: "runner.JobSpec", out: str, dry_run: bool) -> None:
 
 @app.command()
 def clean(
-    src: Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix of images, tar shards or Parquet files.")],
-    out: Annotated[str, typer.Option("--out", help="DST: local folder or s3://bucket/prefix.")],
+    src: SrcArg,
+    out: DstOpt,
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "png",
     quality: Annotated[Optional[int], typer.Option(help="Output encoder quality (webp default 90, jpeg 92; png ignores it).")] = None,
     sigma: Annotated[str, typer.Option(help="Noise level: 'auto' (estimated per image), 'blind' (the network alone) or N in 0–255 units.")] = "auto",
     checkpoint: Annotated[str, typer.Option(help="Denoiser checkpoint (path or shipped name).")] = "denoiser-base",
+    ensemble: Annotated[int, typer.Option(help="Average the model over 1, 2, 4 or 8 rotated/mirrored views (slower, a little cleaner).")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
     num_actors: Annotated[int, typer.Option(help="Model actors.")] = 1,
     num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0: CPU).")] = 0.0,
-    threads: Annotated[int, typer.Option(help="torch threads per actor (0: pick).")] = 0,
-    actor_cpus: Annotated[float, typer.Option(help="CPUs each actor reserves (0: pick).")] = 0.0,
-    image_column: Annotated[str, typer.Option(help="Binary image column of Parquet inputs.")] = "image",
-    max_error_rate: Annotated[float, typer.Option(help="Fail the job when the error-row rate exceeds this (judged after 1,000 rows, or all).")] = 1.0,
-    max_pixels: Annotated[int, typer.Option(help="Decompression-bomb guard: largest image in pixels.")] = 100_000_000,
-    shard_size: Annotated[int, typer.Option(help="Loose files per output shard.")] = 256,
-    limit: Annotated[int, typer.Option(help="Process only the first N inputs (files or containers).")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a DST made with different settings.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="List what would be processed, with bytes and a time estimate.")] = False,
-    address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    ensemble: Annotated[int, typer.Option(help="Average the model over 1, 2, 4 or 8 rotated/mirrored views (slower, a little cleaner).")] = 1,
+    threads: ThreadsOpt = 0,
+    actor_cpus: ActorCpusOpt = 0.0,
+    image_column: ImageColumnOpt = "image",
+    max_error_rate: MaxErrorRateOpt = 1.0,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    shard_size: ShardSizeOpt = 256,
+    limit: LimitOpt = 0,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    address: AddressOpt = "",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Denoise every image of SRC into a Parquet dataset at --out (one row per input)."""
     from jobs.clean import CleanConfig, build_spec
@@ -181,22 +196,22 @@ def export(
 
 @app.command()
 def compress(
-    src: Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix of images, tar shards or Parquet files.")],
-    out: Annotated[str, typer.Option("--out", help="DST: local folder or s3://bucket/prefix.")],
+    src: SrcArg,
+    out: DstOpt,
     quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-small",
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
     num_actors: Annotated[int, typer.Option(help="Codec actors.")] = 1,
-    threads: Annotated[int, typer.Option(help="torch threads per actor (0: pick).")] = 0,
-    actor_cpus: Annotated[float, typer.Option(help="CPUs each actor reserves (0: pick).")] = 0.0,
-    image_column: Annotated[str, typer.Option(help="Binary image column of Parquet inputs.")] = "image",
-    max_error_rate: Annotated[float, typer.Option(help="Fail the job when the error-row rate exceeds this.")] = 1.0,
-    max_pixels: Annotated[int, typer.Option(help="Decompression-bomb guard: largest image in pixels.")] = 100_000_000,
-    shard_size: Annotated[int, typer.Option(help="Loose files per output shard.")] = 256,
-    limit: Annotated[int, typer.Option(help="Process only the first N inputs.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a DST made with different settings.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="List what would be processed.")] = False,
-    address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
+    threads: ThreadsOpt = 0,
+    actor_cpus: ActorCpusOpt = 0.0,
+    image_column: ImageColumnOpt = "image",
+    max_error_rate: MaxErrorRateOpt = 1.0,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    shard_size: ShardSizeOpt = 256,
+    limit: LimitOpt = 0,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    address: AddressOpt = "",
 ) -> None:
     """Compress every image of SRC into entropy-coded latents in Parquet (one row per input)."""
     from jobs.compress import CompressConfig, build_spec
@@ -218,7 +233,7 @@ def decompress(
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "png",
     max_error_rate: Annotated[float, typer.Option(help="Exit non-zero when the error rate exceeds this.")] = 1.0,
     num_actors: Annotated[int, typer.Option(help="Decoder actors.")] = 1,
-    address: Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")] = "",
+    address: AddressOpt = "",
 ) -> None:
     """Decode every row of DST to DIR/<key with its extension replaced> (errors become report rows)."""
     from jobs.compress import decompress as run_decompress

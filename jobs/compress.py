@@ -48,19 +48,10 @@ def compress_schema(embedding_dim: int) -> pa.Schema:
 
 
 @dataclass(frozen=True)
-class CompressConfig:
-    src: str
-    dst: str
+class CompressConfig(runner.JobConfig):
     quality: int | None = None  # None: the checkpoint's default rate point
     checkpoint: str = DEFAULT_CODEC
     keep_if_smaller: bool = False
-    image_column: str = "image"
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS
-    shard_size: int = 256
-    max_error_rate: float = 1.0
-    limit: int = 0
-    overwrite: bool = False
-    device: str = "auto"
 
 
 def prepare_batch(batch: Batch, options: decode.DecodeOptions, keep_source: bool) -> Batch:

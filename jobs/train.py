@@ -21,7 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.training import LRSchedule, PatchSampler, launch, optim_tensors, restore_optim, worker_context
+from jobs.training import (
+    BaseTrainConfig,
+    LRSchedule,
+    PatchSampler,
+    launch,
+    optim_tensors,
+    restore_optim,
+    worker_context,
+)
 from models import checkpoint, registry
 from models.data import load_rgb, photo_split
 from models.noise import add_awgn_uint8, degrade
@@ -30,26 +38,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    out: str
+class TrainConfig(BaseTrainConfig):
     model: str = "resunet-denoiser"
-    preset: str = "base"
-    steps: int = 6000
-    lr: float = 1e-3
-    min_lr: float = 1e-5
     pixels_per_batch: int = 32 * 64 * 64  # batch size scales with the patch size
     patch_sizes: tuple[int, ...] = (64, 96, 128)
     sigma_max: float = 55.0
-    seed: int = 0
-    threads: int = 0  # 0: torch default
-    eval_every: int = 250
-    save_every: int = 250
-    max_minutes: float = 0.0  # 0: no wall-clock limit
-    resume: str = ""
-    release: str = ""  # also write a float16 release checkpoint here at the end
-    limit_images: int = 0  # tests: use only the first N training images
-    eval_crop: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
 

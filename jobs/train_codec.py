@@ -26,7 +26,15 @@ import numpy as np
 import torch
 import typer
 
-from jobs.training import LRSchedule, PatchSampler, launch, optim_tensors, restore_optim, worker_context
+from jobs.training import (
+    BaseTrainConfig,
+    LRSchedule,
+    PatchSampler,
+    launch,
+    optim_tensors,
+    restore_optim,
+    worker_context,
+)
 from models import checkpoint, registry
 from models.codec import FactorizedCodec
 from models.data import load_rgb, photo_split
@@ -36,28 +44,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CodecTrainConfig:
-    data: str
-    out: str
+class CodecTrainConfig(BaseTrainConfig):
     model: str = "factorized-codec"
-    preset: str = "base"
     steps: int = 40000
     lr: float = 5e-4  # 2e-3 diverged in smoke runs; 1e-3 was fastest over the first 200 steps
-    min_lr: float = 1e-5
+    eval_every: int = 1000
+    save_every: int = 500
     warmup: int = 200
     entropy_lr_mult: float = 10.0  # learning-rate factor for the densities and gain vectors
     batch: int = 12  # a multiple of the number of qualities keeps every batch balanced
     crop: int = 128
     clip_grad: float = 1.0
-    seed: int = 0
-    threads: int = 0  # 0: torch default
-    eval_every: int = 1000
-    save_every: int = 500
-    max_minutes: float = 0.0  # 0: no wall-clock limit
-    resume: str = ""
-    release: str = ""  # also write a float16 release checkpoint here at the end
-    limit_images: int = 0  # tests: use only the first N training photos
-    eval_crop: int = 256
     eval_limit: int = 0  # evaluate on the first N held-out photos only (0: all)
 
 

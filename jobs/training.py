@@ -14,6 +14,28 @@ import numpy as np
 import torch
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseTrainConfig:
+    """What both ``aejob train`` jobs take; each job adds its own fields and defaults."""
+
+    data: str
+    out: str
+    model: str = ""
+    preset: str = "base"
+    steps: int = 6000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    seed: int = 0
+    threads: int = 0  # 0: torch default
+    eval_every: int = 250
+    save_every: int = 250
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+    resume: str = ""
+    release: str = ""  # also write a float16 release checkpoint here at the end
+    limit_images: int = 0  # tests: use only the first N training photos
+    eval_crop: int = 256
+
+
 def cosine_lr(step: int, lr: float, min_lr: float, steps: int, warmup: int = 100,
               time_frac: float = 0.0) -> float:
     """Linear warmup, then cosine decay to ``min_lr``; progress is the larger of step progress

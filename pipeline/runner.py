@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import layout, sources, storage
+from pipeline import decode, layout, sources, storage
 from pipeline.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,21 @@ def package_version() -> str:
         return version("aejob")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What every SRC → DST job takes (``aejob clean`` and ``aejob compress`` extend it)."""
+
+    src: str
+    dst: str
+    image_column: str = "image"  # binary image column of Parquet inputs
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    shard_size: int = 256  # loose files per output shard
+    max_error_rate: float = 1.0
+    limit: int = 0  # only the first N inputs (0: all)
+    overwrite: bool = False  # replace a DST made with other settings
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
