@@ -33,7 +33,7 @@ import logging
 import os
 import posixpath
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
@@ -329,13 +329,14 @@ def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
     return data, _token(data)
 
 
-def replace_if_match(uri: str, data: bytes, token: str) -> bool:
-    """Overwrite ``uri`` only if it still has version ``token``; False if it changed or is gone."""
+def _if_match(uri: str, token: str, s3_op: Callable[[str, str], object],
+              local_op: Callable[[str], object]) -> bool:
+    """Run a conditional change of ``uri``: on S3 ``s3_op(bucket, key)`` (which sends
+    ``IfMatch``), locally ``local_op(path)`` under the file lock after checking the version
+    ourselves. False when ``uri`` no longer has version ``token`` or is gone."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=token,
-                                   **write_options())
+            s3_op(*split_s3(uri))
             return True
         except Exception as e:
             if _error_code(e) in _CONFLICT + _MISSING:
@@ -346,31 +347,31 @@ def replace_if_match(uri: str, data: bytes, token: str) -> bool:
         cur, cur_token = read_versioned(uri)
         if cur is None or cur_token != token:
             return False
-        _write_local(path, data)
+        local_op(path)
         return True
+
+
+def replace_if_match(uri: str, data: bytes, token: str) -> bool:
+    """Overwrite ``uri`` only if it still has version ``token``; False if it changed or is gone."""
+    return _if_match(
+        uri, token,
+        lambda bucket, key: s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=token,
+                                                   **write_options()),
+        lambda path: _write_local(path, data),
+    )
 
 
 def delete_if_match(uri: str, token: str) -> bool:
     """Delete ``uri`` only if it still has version ``token``."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
+    def s3_delete(bucket: str, key: str) -> None:
         try:
             s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=token)
-            return True
         except Exception as e:
-            if _error_code(e) in _CONFLICT + _MISSING:
-                return False
-            if _error_code(e) in ("NotImplemented", "501"):  # stores without conditional deletes
-                s3_client().delete_object(Bucket=bucket, Key=key)
-                return True
-            raise
-    path = resolve(uri)[1]
-    with _flock(path):
-        cur, cur_token = read_versioned(uri)
-        if cur is None or cur_token != token:
-            return False
-        os.unlink(path)
-        return True
+            if _error_code(e) not in ("NotImplemented", "501"):
+                raise
+            s3_client().delete_object(Bucket=bucket, Key=key)  # a store without conditional deletes
+
+    return _if_match(uri, token, s3_delete, os.unlink)
 
 
 def exists(uri: str) -> bool:
