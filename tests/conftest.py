@@ -6,6 +6,8 @@ import io
 import os
 import socket
 import subprocess
+import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,40 @@ def encode(img: np.ndarray, fmt: str = "PNG", **kw: object) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def make_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar (a webdataset shard) of (member name, bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def race_leases(leases: list, refused_marker: str = "") -> list[str]:  # type: ignore[type-arg]
+    """Acquire every lease at once from its own thread: "won", "refused" or "other: ..." each."""
+    from pipeline import layout
+
+    results: list[str] = []
+    barrier = threading.Barrier(len(leases))
+
+    def go(lease: layout.Lease) -> None:
+        barrier.wait()
+        try:
+            lease.acquire()
+            results.append("won")
+        except layout.DstError as e:
+            results.append("refused" if refused_marker in str(e) else f"other: {e}")
+
+    threads = [threading.Thread(target=go, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import duckdb
@@ -18,7 +17,7 @@ from typer.testing import CliRunner
 from jobs.clean import CleanConfig, build_spec
 from jobs.cli import app
 from pipeline import layout, runner
-from tests.conftest import encode, make_image
+from tests.conftest import encode, make_image, make_tar
 
 
 def run(src: Path | str, dst: Path | str, ck: str, **kw: object) -> runner.JobResult:
@@ -103,13 +102,10 @@ def test_tar_and_parquet_sources(tmp_path: Path, tiny_checkpoint: str) -> None:
 
     src = tmp_path / "src"
     src.mkdir()
-    with tarfile.open(src / "shard-000.tar", "w") as tf:
-        for name, data in [("x/0001.jpg", encode(make_image(24, 16, 1), "JPEG")),
-                           ("x/0001.json", b"{}"), ("x/0002.png", encode(make_image(16, 16, 2))),
-                           ("x/0002.cls", b"3"), ("x/0003.png", b"\x89PNG\r\n\x1a\n broken")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    (src / "shard-000.tar").write_bytes(make_tar([
+        ("x/0001.jpg", encode(make_image(24, 16, 1), "JPEG")), ("x/0001.json", b"{}"),
+        ("x/0002.png", encode(make_image(16, 16, 2))), ("x/0002.cls", b"3"),
+        ("x/0003.png", b"\x89PNG\r\n\x1a\n broken")]))
     table = pa.table({"key": ["p/one", "p/two"],
                       "image": [encode(make_image(16, 24, 3)), encode(make_image(8, 8, 4), "WEBP")]})
     pq.write_table(table, src / "part-0.parquet")

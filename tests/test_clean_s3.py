@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 
 import boto3
 import pyarrow as pa
@@ -15,19 +14,9 @@ from PIL import Image
 
 from jobs.clean import CleanConfig, build_spec
 from pipeline import runner
-from tests.conftest import encode, make_image
+from tests.conftest import encode, make_image, make_tar
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("ray_local")]
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_clean_s3_to_s3(s3_server: dict[str, str], tiny_checkpoint: str) -> None:
@@ -36,7 +25,7 @@ def test_clean_s3_to_s3(s3_server: dict[str, str], tiny_checkpoint: str) -> None
     s3.put_object(Bucket="photos", Key="in/loose/a.png", Body=encode(make_image(40, 30, 1)))
     s3.put_object(Bucket="photos", Key="in/loose/B.JPEG", Body=encode(make_image(17, 33, 2), "JPEG"))
     s3.put_object(Bucket="photos", Key="in/loose/bad.png", Body=b"\x89PNG\r\n\x1a\ntruncated")
-    s3.put_object(Bucket="photos", Key="in/shards/000.tar", Body=_tar([
+    s3.put_object(Bucket="photos", Key="in/shards/000.tar", Body=make_tar([
         ("k1.jpg", encode(make_image(24, 24, 3), "JPEG")), ("k1.json", b"{}"),
         ("k2.webp", encode(make_image(16, 8, 4), "WEBP")), ("k2.txt", b"caption"),
     ]))

@@ -11,14 +11,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ import pytest
 from jobs import verify
 from jobs.clean import CleanConfig, build_spec
 from pipeline import layout, runner, storage
-from tests.conftest import encode, make_image
+from tests.conftest import encode, make_image, make_tar, race_leases
 from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.s3
@@ -65,16 +62,6 @@ def direct_fs(s3_server: dict[str, str]) -> pafs.S3FileSystem:
                              region="us-east-1")
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 @pytest.mark.slow  # ~40 s: the CLI in a subprocess with its own Ray, through the proxy
 def test_job_through_slowdowns_and_resets_loses_nothing(s3_server: dict[str, str], proxy: FaultProxy,
                                                         tiny_checkpoint: str, tmp_path: Path) -> None:
@@ -85,7 +72,7 @@ def test_job_through_slowdowns_and_resets_loses_nothing(s3_server: dict[str, str
         s3.put_object(Bucket="faulty", Key=f"in/img{i:02d}.png", Body=encode(make_image(32, 24 + i, i % 4)))
         keys.append(f"img{i:02d}.png")
     s3.put_object(Bucket="faulty", Key="in/bad.png", Body=b"\x89PNG\r\n\x1a\ntruncated")
-    s3.put_object(Bucket="faulty", Key="in/pack.tar", Body=_tar(
+    s3.put_object(Bucket="faulty", Key="in/pack.tar", Body=make_tar(
         [(f"t/{j}.jpg", encode(make_image(20, 20, j), "JPEG")) for j in range(3)]))
     keys += ["bad.png"] + [f"pack.tar/t/{j}.jpg" for j in range(3)]
 
@@ -144,22 +131,7 @@ def test_s3_lease_is_conditional_even_through_faults(s3_server: dict[str, str], 
     before = proxy.stats
     dst = "s3://leases/d"
     leases = [layout.Lease(dst, ttl_s=30) for _ in range(6)]
-    results: list[str] = []
-    barrier = threading.Barrier(len(leases))
-
-    def go(lease: layout.Lease) -> None:
-        barrier.wait()
-        try:
-            lease.acquire()
-            results.append("won")
-        except layout.DstError as e:
-            results.append("refused" if "holds the lease" in str(e) else f"other: {e}")
-
-    threads = [threading.Thread(target=go, args=(lease,)) for lease in leases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race_leases(leases, "holds the lease")
     assert sorted(results) == ["refused"] * 5 + ["won"], results
     winner = next(lease for lease in leases if lease._thread is not None)
     winner._stop.set()  # "crashes": no more heartbeats

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from models import checkpoint
 from pipeline import layout, runner
 from pipeline.export import export_images
 from pipeline.sources import shard_name_for
-from tests.conftest import encode, make_image
+from tests.conftest import encode, make_image, race_leases
 from tests.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,22 +337,7 @@ def test_lease_create_only_takeover_and_ttl(tmp_path: Path, monkeypatch: pytest.
     dst = str(tmp_path / "d")
     # racing runs: exactly one wins a fresh lease
     leases = [layout.Lease(dst, ttl_s=30) for _ in range(8)]
-    results: list[str] = []
-    barrier = threading.Barrier(len(leases))
-
-    def go(lease: layout.Lease) -> None:
-        barrier.wait()
-        try:
-            lease.acquire()
-            results.append("won")
-        except layout.DstError:
-            results.append("refused")
-
-    threads = [threading.Thread(target=go, args=(lease,)) for lease in leases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race_leases(leases)
     assert sorted(results) == ["refused"] * 7 + ["won"]
     winner = next(lease for lease in leases if lease._thread is not None)
     # a crashed holder (heartbeat stopped) lapses; the next run takes over; the old one notices
