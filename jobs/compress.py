@@ -4,6 +4,7 @@ Ray Data pipeline as ``aejob clean``, latent bitstreams stored in Parquet.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -154,9 +155,14 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
 class DecompressActor:
     """Decodes latent bitstreams (or original bytes) and writes image files under ``out``."""
 
-    def __init__(self, checkpoint_ref: str, out: str, names: dict[str, str], fmt: str = "png",
+    def __init__(self, checkpoint_ref: str, out: str, names: Any, fmt: str = "png",
                  threads: int = 0) -> None:
         from models.codec import CodecEngine
+
+        if not isinstance(names, dict):  # an ObjectRef: the map is stored once, not per actor
+            import ray
+
+            names = ray.get(names)
 
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         self.engine = CodecEngine(checkpoint_ref, threads=threads, device="cpu")
@@ -221,7 +227,7 @@ def decompress(dst: str, out: str, fmt: str = "png", max_error_rate: float = 1.0
     fs, path = storage.resolve(dst)
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["key", "status", "error", "latent", "codec"])
     ds = ds.map_batches(
-        DecompressActor, fn_constructor_kwargs={"checkpoint_ref": ck_ref, "out": out, "names": names,
+        DecompressActor, fn_constructor_kwargs={"checkpoint_ref": ck_ref, "out": out, "names": ray.put(names),
                                                 "fmt": fmt, "threads": threads},
         compute=ActorPoolStrategy(min_size=ray_opts.num_actors, max_size=ray_opts.num_actors),
         batch_size=4, batch_format="numpy", num_cpus=cpus,
@@ -240,5 +246,5 @@ def decompress(dst: str, out: str, fmt: str = "png", max_error_rate: float = 1.0
               "reason": f"error rate {counts['error']}/{total} exceeds --max-error-rate {max_error_rate}"
               if failed else None}
     storage.write_bytes(storage.join(out, "_aejob_decompress.json"),
-                        __import__("json").dumps(report, indent=2).encode())
+                        json.dumps(report, indent=2).encode())
     return report
