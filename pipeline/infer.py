@@ -176,13 +176,20 @@ class DenoiseEngine:
     def _predict(self, xb: torch.Tensor, sb: torch.Tensor, ensemble: int) -> torch.Tensor:
         """The network on a batch of tiles, averaged over ``ensemble`` rotated/mirrored views
         (each mapped back first): residual errors of the views are partly independent, so the
-        mean is closer to the clean image, at ``ensemble`` times the compute."""
+        mean is closer to the clean image, at ``ensemble`` times the compute. Views of the same
+        shape (even or odd quarter turns) go through the network as one batch."""
         acc = torch.zeros_like(xb)
-        for turns, mirror in VIEWS[:ensemble]:
-            v = torch.rot90(xb.flip(-1) if mirror else xb, turns, (-2, -1))
+        n = xb.shape[0]
+        for parity in (0, 1):
+            views = [v for v in VIEWS[:ensemble] if v[0] % 2 == parity]
+            if not views:
+                continue
+            batch = torch.cat([torch.rot90(xb.flip(-1) if m else xb, t, (-2, -1)) for t, m in views])
             with self._autocast():
-                out = torch.rot90(self.model(v, sb).float(), -turns, (-2, -1))
-            acc += out.flip(-1) if mirror else out
+                out = self.model(batch, sb.repeat(len(views))).float()
+            for j, (t, m) in enumerate(views):
+                back = torch.rot90(out[j * n : (j + 1) * n], -t, (-2, -1))
+                acc += back.flip(-1) if m else back
         return acc / ensemble
 
     @torch.inference_mode()
