@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,11 @@ from jobs.training import (
     launch,
     optim_tensors,
     restore_optim,
+    start_model,
+    training_data,
     worker_context,
 )
-from models import checkpoint, registry
+from models import checkpoint
 from models.data import load_rgb, photo_split
 from models.noise import add_awgn_uint8, degrade
 
@@ -98,21 +99,12 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     eval_pairs = holdout_set(cfg.data, cfg.eval_crop) if rank == 0 else []
 
-    step, curve, history_minutes = 0, [], 0.0
-    if cfg.resume:
-        ck = checkpoint.load(cfg.resume)
-        model = ck.model
-        config = ck.config
-        step = int(ck.meta.get("steps", 0))
-        curve = list(ck.meta.get("curve", []))
-        history_minutes = float(ck.meta.get("train_minutes", 0.0))
-        log.info("resumed %s at step %d", cfg.resume, step)
-    else:
-        config = registry.make_config(cfg.model, cfg.preset)
-        model = registry.build(cfg.model, config)
+    start = start_model(cfg)
+    model, config, step, curve, history_minutes = (start.model, start.config, start.step, start.curve,
+                                                   start.history_minutes)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    restored = bool(cfg.resume) and restore_optim(opt, ck.meta.get("_extra_tensors", {}))
+    restored = bool(cfg.resume) and restore_optim(opt, start.optim)
     if restored:
         log.info("optimizer state restored")
     ddp_model: torch.nn.Module = model
@@ -128,11 +120,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "steps": step,
             "train_minutes": history_minutes + (time.time() - t0) / 60,
             "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
-            "training_data": {
-                "folder": os.path.basename(os.path.normpath(cfg.data)),
-                "files": [p.name for p in files],
-                "holdout": [p.name for p in photo_split(cfg.data, "holdout")],
-            },
+            "training_data": training_data(cfg.data, files),
             "metrics": {"holdout_psnr_sigma25": curve[-1]["holdout_psnr"] if curve else None},
             "curve": curve,
         }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from jobs.training import (
     launch,
     optim_tensors,
     restore_optim,
+    start_model,
+    training_data,
     worker_context,
 )
 from models import checkpoint, registry
@@ -133,19 +134,9 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     images = [load_rgb(p) for p in files]
     eval_crops = holdout_crops(cfg.data, cfg.eval_crop, cfg.eval_limit) if rank == 0 else []
 
-    step, curve, history_minutes = 0, [], 0.0
-    if cfg.resume:
-        ck = checkpoint.load(cfg.resume)
-        model = ck.model
-        config = ck.config
-        step = int(ck.meta.get("steps", 0))
-        curve = list(ck.meta.get("curve", []))
-        history_minutes = float(ck.meta.get("train_minutes", 0.0))
-        log.info("resumed %s at step %d", cfg.resume, step)
-    else:
-        torch.manual_seed(cfg.seed)  # same init on every rank
-        config = registry.make_config(cfg.model, cfg.preset)
-        model = registry.build(cfg.model, config)
+    start = start_model(cfg, init_seed=cfg.seed)  # same init on every rank
+    model, config, step, curve, history_minutes = (start.model, start.config, start.step, start.curve,
+                                                   start.history_minutes)
     if not isinstance(model, FactorizedCodec):
         raise SystemExit(f"{cfg.model} is not a codec model")
     # Data and noise streams continue (differently) after a resume instead of repeating.
@@ -154,7 +145,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
     model.train()
     opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
-    restored = bool(cfg.resume) and restore_optim(opt, ck.meta.get("_extra_tensors", {}))
+    restored = bool(cfg.resume) and restore_optim(opt, start.optim)
     if restored:
         log.info("optimizer state restored")
     lr_at = LRSchedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup, cfg.max_minutes, step,
@@ -184,11 +175,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "steps": step,
             "train_minutes": minutes(),
             "train_config": dataclasses.asdict(cfg),
-            "training_data": {
-                "folder": os.path.basename(os.path.normpath(cfg.data)),
-                "files": [p.name for p in files],
-                "holdout": [p.name for p in photo_split(cfg.data, "holdout")],
-            },
+            "training_data": training_data(cfg.data, files),
             "qualities": list(range(1, nq + 1)),
             "metrics": {"holdout": curve[-1].get("holdout") if curve else None},
             "curve": curve,

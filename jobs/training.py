@@ -4,6 +4,7 @@ in safetensors (so a resumed run continues Adam's moments, without pickles)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,42 @@ class BaseTrainConfig:
     release: str = ""  # also write a float16 release checkpoint here at the end
     limit_images: int = 0  # tests: use only the first N training photos
     eval_crop: int = 256
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a training run starts: a fresh model, or a checkpoint's weights and history."""
+
+    model: Any
+    config: Any
+    step: int = 0
+    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    history_minutes: float = 0.0
+    optim: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # Adam's saved state
+
+
+def start_model(cfg: BaseTrainConfig, init_seed: int | None = None) -> Start:
+    """``cfg.resume``'s model with its step, curve and minutes, or a fresh ``cfg.model`` of
+    ``cfg.preset`` (initialised from ``init_seed`` when given: the same on every rank)."""
+    from models import checkpoint, registry
+
+    if cfg.resume:
+        ck = checkpoint.load(cfg.resume)
+        log.info("resumed %s at step %d", cfg.resume, int(ck.meta.get("steps", 0)))
+        return Start(ck.model, ck.config, int(ck.meta.get("steps", 0)), list(ck.meta.get("curve", [])),
+                     float(ck.meta.get("train_minutes", 0.0)), ck.meta.get("_extra_tensors", {}))
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    config = registry.make_config(cfg.model, cfg.preset)
+    return Start(registry.build(cfg.model, config), config)
+
+
+def training_data(data: str, files: list[Any]) -> dict[str, Any]:
+    """The training record's data section: folder name, the photos used, the held-out ones."""
+    from models.data import photo_split
+
+    return {"folder": os.path.basename(os.path.normpath(data)), "files": [p.name for p in files],
+            "holdout": [p.name for p in photo_split(data, "holdout")]}
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, steps: int, warmup: int = 100,
