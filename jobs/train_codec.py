@@ -139,6 +139,8 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
                                                    start.history_minutes)
     if not isinstance(model, FactorizedCodec):
         raise SystemExit(f"{cfg.model} is not a codec model")
+    # channels-last: PyTorch's CPU convolutions (transposed ones above all) train ~20% faster
+    model.to(memory_format=torch.channels_last)
     # Data and noise streams continue (differently) after a resume instead of repeating.
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
     sampler = PatchSampler(images, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
@@ -204,7 +206,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     bad_steps = 0
     while step < cfg.steps and time.time() < deadline:
-        x = sampler.batch(cfg.crop, cfg.batch)
+        x = sampler.batch(cfg.crop, cfg.batch).contiguous(memory_format=torch.channels_last)
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["lr_mult"]
