@@ -139,7 +139,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
                                                    start.history_minutes)
     if not isinstance(model, FactorizedCodec):
         raise SystemExit(f"{cfg.model} is not a codec model")
-    # channels-last: PyTorch's CPU convolutions (transposed ones above all) train ~20% faster
+    # channels-last: PyTorch's CPU convolutions train faster in it (small preset, 2 threads: 0.37 → 0.29 s/step)
     model.to(memory_format=torch.channels_last)
     # Data and noise streams continue (differently) after a resume instead of repeating.
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
