@@ -211,8 +211,10 @@ def bench_codec(
         "checkpoint": {"path": str(engine.path), "sha256": engine.sha256, "name": engine.name},
         "model": {
             "params": param_count(model),
-            "params_decoder": param_count(model, "g_s"),
-            "params_encoder": param_count(model, "g_a"),
+            # a hyperprior's h_s runs on both sides; h_a only in the encoder
+            "params_decoder": sum(param_count(model, p) for p in ("g_s", "h_s") if hasattr(model, p)),
+            "params_encoder": sum(param_count(model, p) for p in ("g_a", "h_a", "h_s")
+                                  if hasattr(model, p)),
             "float16_mb": round(param_count(model) * 2 / 2**20, 2),
             "macs_per_pixel": macs,
         },

@@ -187,7 +187,7 @@ def launch(
     if "CBSD68" in os.path.abspath(cfg.data):
         raise SystemExit("CBSD68 is for evaluation only: never train on it")
     cfg_dict = dataclasses.asdict(cfg)
-    for key in ("data", "out", "resume", "release"):
+    for key in ("data", "out", "resume", "release", "init_from"):
         if cfg_dict.get(key):
             cfg_dict[key] = os.path.abspath(cfg_dict[key])
     if workers <= 0:

@@ -126,6 +126,8 @@ def _deconv(cin: int, cout: int, k: int) -> nn.ConvTranspose2d:
 
 
 class FactorizedCodec(nn.Module):
+    stream_name = NAME  # the model name written into (and required from) stream headers
+
     def __init__(self, config: CodecConfig = CodecConfig()) -> None:
         super().__init__()
         self.config = config
@@ -212,10 +214,30 @@ class FactorizedCodec(nn.Module):
         self.tables = build_tables(self.density, c.tail_mass, c.max_half_range, c.precision)
         return self.tables
 
+    @property
+    def table_channels(self) -> int:
+        """Channels coded with the per-quality factorized tables."""
+        return self.config.latent_channels
+
+    def coding_tensors(self) -> dict[str, torch.Tensor]:
+        """What the coder needs besides the weights, to store with a checkpoint."""
+        if self.tables is None:
+            raise RuntimeError("no entropy tables: call update_tables() first")
+        return self.tables.to_tensors("entropy.")
+
+    def load_coding_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install the integer coding state stored with a checkpoint (raises
+        ``EntropyCodingError`` when it is missing or does not fit this model)."""
+        tables = EntropyTables.from_tensors(tensors, "entropy.")
+        expect = self.config.num_qualities * self.table_channels
+        if tables.rows != expect:
+            raise EntropyCodingError(f"entropy tables have {tables.rows} rows, expected {expect}")
+        self.tables = tables
+
     def _rows(self, quality: int) -> EntropyTables:
         if self.tables is None:
             raise RuntimeError("no entropy tables: load a codec checkpoint or call update_tables()")
-        m = self.config.latent_channels
+        m = self.table_channels
         return self.tables.select((quality - 1) * m, quality * m)
 
     def _check_quality(self, quality: int) -> int:
@@ -254,7 +276,7 @@ class FactorizedCodec(nn.Module):
         sym_np = sym.clamp(-(2**30), 2**30).to(torch.int32).numpy()
         payload = encode_symbols(sym_np, rows)
         header = bitstream.Header(
-            model=NAME, sha256_prefix=bitstream.Header.sha_prefix(sha256), quality=quality,
+            model=self.stream_name, sha256_prefix=bitstream.Header.sha_prefix(sha256), quality=quality,
             width=img.shape[1], height=img.shape[0], pad_bottom=pb, pad_right=pr,
             latent_shape=tuple(sym_np.shape),  # type: ignore[arg-type]
         )
@@ -263,9 +285,9 @@ class FactorizedCodec(nn.Module):
     def parse(self, data: bytes, sha256: str | None = None) -> tuple[bitstream.Header, bytes]:
         """Unpack and validate a stream against this model (and checkpoint, if given)."""
         header, payload = bitstream.unpack(data)
-        if header.model != NAME:
+        if header.model != self.stream_name:
             raise bitstream.BitstreamError(
-                f"stream was made by model {header.model!r}, not {NAME!r}")
+                f"stream was made by model {header.model!r}, not {self.stream_name!r}")
         if sha256 is not None and header.sha256_prefix != bitstream.Header.sha_prefix(sha256):
             raise bitstream.BitstreamError(
                 f"stream was encoded with checkpoint {header.sha256_prefix.hex()}…, "
@@ -294,6 +316,10 @@ class FactorizedCodec(nn.Module):
         except EntropyCodingError as e:
             raise bitstream.BitstreamError(f"corrupted stream: {e}") from e
         z_hat = torch.from_numpy(sym).float() + torch.from_numpy(rows.medians)[:, None, None]
+        return self._synthesize(z_hat, header)
+
+    def _synthesize(self, z_hat: torch.Tensor, header: bitstream.Header) -> np.ndarray:
+        """Dequantized gained latent (C, h, w) → the uint8 HxWx3 image of ``header``."""
         y_hat = z_hat * torch.exp(self.log_inv_gain[header.quality - 1])[:, None, None]
         # channels-last input: PyTorch's CPU transposed convolutions run ~2x faster in it
         y_hat = y_hat[None].contiguous(memory_format=torch.channels_last)
@@ -310,35 +336,43 @@ class FactorizedCodec(nn.Module):
 
 
 def macs_per_pixel(model: FactorizedCodec, size: int = 64) -> dict[str, float]:
-    """Multiply-adds per image pixel of the encoder (g_a) and decoder (g_s), counted from the
-    convolutions and GDN layers on a ``size``x``size`` input (entropy coding not included)."""
-    counts = {"encoder": 0.0, "decoder": 0.0}
+    """Multiply-adds per image pixel of the encoder and the decoder, counted from the
+    convolutions and GDN layers of one forward pass on a ``size``x``size`` input (entropy
+    coding not included). The encoder runs g_a (and a hyperprior's h_a and h_s, which it needs
+    to pick the tables); the decoder runs g_s (and h_s)."""
+    counts: dict[str, float] = {}
     hooks = []
 
     def hook(part: str) -> Any:
         def fn(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            n = 0
             if isinstance(mod, nn.Conv2d):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-                counts[part] += out.numel() * k
+                n = out.numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
             elif isinstance(mod, nn.ConvTranspose2d):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.out_channels // mod.groups
-                counts[part] += inp[0].numel() * k
+                n = inp[0].numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.out_channels // mod.groups
             elif isinstance(mod, GDN):
-                counts[part] += out.numel() * mod.beta.numel()
+                n = out.numel() * mod.beta.numel()
+            counts[part] = counts.get(part, 0.0) + n
         return fn
 
-    for part, seq in (("encoder", model.g_a), ("decoder", model.g_s)):
+    for part, seq in model.named_children():
         for mod in seq.modules():
             if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, GDN)):
                 hooks.append(mod.register_forward_hook(hook(part)))
+    was_training = model.training
+    model.eval()
     try:
         with torch.inference_mode():
-            x = torch.zeros(1, 3, size, size)
-            model.g_s(model.g_a(x))
+            model(torch.zeros(1, 3, size, size), 1)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
-    return {k: v / (size * size) for k, v in counts.items()}
+    per = {k: v / (size * size) for k, v in counts.items()}
+    return {
+        "encoder": per.get("g_a", 0.0) + per.get("h_a", 0.0) + per.get("h_s", 0.0),
+        "decoder": per.get("g_s", 0.0) + per.get("h_s", 0.0),
+    }
 
 
 def param_count(model: nn.Module, part: str = "") -> int:
@@ -358,14 +392,9 @@ class CodecEngine:
         if not isinstance(ck.model, FactorizedCodec):
             raise checkpoint.CheckpointError(f"{checkpoint_ref}: {ck.name} is not a codec")
         try:
-            ck.model.tables = EntropyTables.from_tensors(ck.meta.get("_extra_tensors", {}))
+            ck.model.load_coding_tensors(ck.meta.get("_extra_tensors", {}))
         except EntropyCodingError as e:
             raise checkpoint.CheckpointError(f"{checkpoint_ref}: {e}") from e
-        expect = ck.config.num_qualities * ck.config.latent_channels
-        if ck.model.tables.rows != expect:
-            raise checkpoint.CheckpointError(
-                f"{checkpoint_ref}: entropy tables have {ck.model.tables.rows} rows, "
-                f"expected {expect}")
         self.device = torch.device(device)
         if self.device.type != "cpu":
             raise ValueError("the codec engine runs on CPU (entropy coding is on CPU anyway)")

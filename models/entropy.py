@@ -359,35 +359,57 @@ def _uniform(bits: int) -> Any:
 
 
 def encode_symbols(symbols: np.ndarray, tables: EntropyTables) -> bytes:
-    """Range-code integer values ``symbols`` (C, H, W) with row c of ``tables`` for channel c.
-
-    Stream layout (one constriction ``RangeEncoder``, 32-bit little-endian words): for each
-    channel its H*W table symbols; then, for every escaped value in (c, h, w) order, the
-    Exp-Golomb prefix length ``n`` (Uniform over 0..MAX_ESCAPE_BITS); then each one's ``n``
-    mantissa bits in chunks of at most 12 bits (Uniform).
+    """Range-code integer values ``symbols`` (C, H, W) with row c of ``tables`` for channel c
+    (see :func:`encode_rows`: the stream is that of row index ``c`` for every value of channel c).
     """
     s = np.asarray(symbols)
     if s.ndim != 3 or s.shape[0] != tables.rows:
         raise EntropyCodingError(f"symbols of shape {s.shape} for {tables.rows} table rows")
-    s = s.astype(np.int64)
+    return encode_rows(s.reshape(-1), _channel_rows(s.shape), tables)
+
+
+def _channel_rows(shape: Sequence[int]) -> np.ndarray:
+    c, h, w = (int(v) for v in shape)
+    return np.repeat(np.arange(c, dtype=np.int64), h * w)
+
+
+def encode_rows(values: np.ndarray, rows: np.ndarray, tables: EntropyTables) -> bytes:
+    """Range-code integer ``values`` (1-D), value i with table row ``rows[i]``.
+
+    Stream layout (one constriction ``RangeEncoder``, 32-bit little-endian words): for each
+    table row in increasing order, the table symbols of the values coded with it (in their
+    order); then, for every escaped value in order, the Exp-Golomb prefix length ``n`` (Uniform
+    over 0..MAX_ESCAPE_BITS); then each one's ``n`` mantissa bits in chunks of at most 12 bits
+    (Uniform). The decoder needs ``rows`` too: a factorized model's rows are the channels, a
+    hyperprior's are computed from the side information (bit-exactly, on both sides).
+    """
+    v = np.asarray(values).reshape(-1).astype(np.int64)
+    r_idx = np.asarray(rows).reshape(-1).astype(np.int64)
+    if v.shape != r_idx.shape:
+        raise EntropyCodingError(f"{v.size} values for {r_idx.size} row indices")
+    if r_idx.size and (r_idx.min() < 0 or r_idx.max() >= tables.rows):
+        raise EntropyCodingError(f"row indices outside 0..{tables.rows - 1}")
     enc = constriction.stream.queue.RangeEncoder()
-    idx = s - tables.offsets[:, None, None]
-    length = tables.lengths[:, None, None].astype(np.int64)
+    idx = v - tables.offsets[r_idx]
+    length = tables.lengths[r_idx].astype(np.int64)
     inside = (idx >= 0) & (idx < length)
     coded = np.where(inside, idx, length).astype(np.int32)
-    for ch in range(tables.rows):
-        enc.encode(np.ascontiguousarray(coded[ch].reshape(-1)), tables.model(ch))
+    order, starts = _group_by_row(r_idx, tables.rows)
+    for row in range(tables.rows):
+        sel = order[starts[row] : starts[row + 1]]
+        if sel.size:
+            enc.encode(np.ascontiguousarray(coded[sel]), tables.model(row))
     if not inside.all():
         esc_idx = idx[~inside]
-        esc_len = np.broadcast_to(length, idx.shape)[~inside]
+        esc_len = length[~inside]
         r = np.where(esc_idx < 0, esc_idx, esc_idx - esc_len)
         u = _zigzag(r) + 1  # >= 1
         if int(u.max()) >= 1 << MAX_ESCAPE_BITS:
             raise EntropyCodingError(
-                f"value {int(s[~inside][np.argmax(u)])} is too far outside the coding table "
+                f"value {int(v[~inside][np.argmax(u)])} is too far outside the coding table "
                 f"(limit ±2**{MAX_ESCAPE_BITS - 1}): non-finite or exploding latents?"
             )
-        nbits = np.array([v.bit_length() - 1 for v in u.tolist()], np.int32)
+        nbits = np.array([x.bit_length() - 1 for x in u.tolist()], np.int32)
         enc.encode(nbits, constriction.stream.model.Uniform(MAX_ESCAPE_BITS + 1))
         for val, n in zip(u.tolist(), nbits.tolist(), strict=True):
             mant = val - (1 << n)
@@ -398,6 +420,13 @@ def encode_symbols(symbols: np.ndarray, tables: EntropyTables) -> bytes:
     return enc.get_compressed().astype("<u4").tobytes()
 
 
+def _group_by_row(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions sorted by row (stable: original order within a row) and each row's start."""
+    order = np.argsort(rows, kind="stable")
+    starts = np.searchsorted(rows[order], np.arange(n_rows + 1))
+    return order, starts
+
+
 def decode_symbols(data: bytes, tables: EntropyTables, shape: Sequence[int]) -> np.ndarray:
     """Inverse of :func:`encode_symbols`: int32 values of ``shape`` (C, H, W).
 
@@ -406,17 +435,32 @@ def decode_symbols(data: bytes, tables: EntropyTables, shape: Sequence[int]) -> 
     c, h, w = (int(v) for v in shape)
     if c != tables.rows or h < 0 or w < 0:
         raise EntropyCodingError(f"shape {tuple(shape)} does not match {tables.rows} table rows")
+    return decode_rows(data, _channel_rows((c, h, w)), tables).reshape(c, h, w)
+
+
+def decode_rows(data: bytes, rows: np.ndarray, tables: EntropyTables) -> np.ndarray:
+    """Inverse of :func:`encode_rows`: the int32 values (1-D) coded with table rows ``rows``.
+
+    Raises :class:`EntropyCodingError` (a ValueError) on a stream that cannot be decoded.
+    """
+    r_idx = np.asarray(rows).reshape(-1).astype(np.int64)
+    if r_idx.size and (r_idx.min() < 0 or r_idx.max() >= tables.rows):
+        raise EntropyCodingError(f"row indices outside 0..{tables.rows - 1}")
     if len(data) % 4:
         raise EntropyCodingError(f"entropy-coded payload of {len(data)} bytes is not whole words")
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     try:
         dec = constriction.stream.queue.RangeDecoder(words)
-        out = np.empty((c, h * w), np.int64)
-        for ch in range(c):
-            out[ch] = dec.decode(tables.model(ch), h * w) if h * w else []
-        length = tables.lengths[:, None].astype(np.int64)
+        out = np.empty(r_idx.size, np.int64)
+        order, starts = _group_by_row(r_idx, tables.rows)
+        for row in range(tables.rows):
+            sel = order[starts[row] : starts[row + 1]]
+            if sel.size:
+                out[sel] = dec.decode(tables.model(row), sel.size)
+        length = tables.lengths[r_idx].astype(np.int64)
+        lo = tables.offsets[r_idx].astype(np.int64)
         escaped = out == length
-        values = out + tables.offsets[:, None]
+        values = out + lo
         if escaped.any():
             count = int(escaped.sum())
             nbits = dec.decode(constriction.stream.model.Uniform(MAX_ESCAPE_BITS + 1), count)
@@ -429,14 +473,59 @@ def decode_symbols(data: bytes, tables: EntropyTables, shape: Sequence[int]) -> 
                     mant = (mant << b) | int(dec.decode(_uniform(b)))
                 u[i] = (1 << int(nbits[i])) + mant
             r = _unzigzag(u - 1)
-            lo = tables.offsets[:, None].astype(np.int64)
-            base = np.broadcast_to(lo, out.shape)[escaped]
-            top = np.broadcast_to(lo + length, out.shape)[escaped]
-            values[escaped] = np.where(r < 0, base + r, top + r)
+            values[escaped] = np.where(r < 0, lo[escaped] + r, (lo + length)[escaped] + r)
     except EntropyCodingError:
         raise
     except Exception as e:  # constriction raises on streams that are not valid
         raise EntropyCodingError(f"entropy-coded payload does not decode: {e}") from e
     if np.abs(values).max(initial=0) >= 1 << 31:
         raise EntropyCodingError("decoded values out of range")
-    return values.reshape(c, h, w).astype(np.int32)
+    return values.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian conditional (hyperprior codecs)
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_likelihood(
+    v: torch.Tensor, scale: torch.Tensor, scale_min: float = 0.11, bound: float = 1e-9
+) -> torch.Tensor:
+    """P(v - 0.5 < V < v + 0.5) for V ~ N(0, scale²), with scale bounded below (CompressAI's
+    ``GaussianConditional``: evaluated on -|v|, where the normal CDF is most accurate)."""
+    s = lower_bound(scale, scale_min)
+    a = torch.abs(v)
+    upper = 0.5 * torch.erfc(-(0.5 - a) / (s * math.sqrt(2)))
+    lower = 0.5 * torch.erfc(-(-0.5 - a) / (s * math.sqrt(2)))
+    return lower_bound(upper - lower, bound)
+
+
+def scale_table(scale_min: float, scale_max: float, levels: int) -> np.ndarray:
+    """Log-spaced coding scales (float64), one integer table row each."""
+    if not 0 < scale_min < scale_max or levels < 2:
+        raise ValueError(f"bad scale table {scale_min}..{scale_max} x{levels}")
+    return np.exp(np.linspace(math.log(scale_min), math.log(scale_max), levels))
+
+
+def build_gaussian_tables(
+    scales: np.ndarray,
+    tail_mass: float = 1e-9,
+    max_half_range: int = 1024,
+    precision: int = DEFAULT_PRECISION,
+) -> EntropyTables:
+    """Integer tables of the zero-mean discretized Gaussians N(0, s²), one row per scale:
+    symbols ``-half .. half`` (``half`` covers all but ``tail_mass``), the rest escapes."""
+    from scipy.special import ndtr, ndtri
+
+    z = -float(ndtri(tail_mass / 2))
+    pmfs, offsets = [], []
+    for s in np.asarray(scales, np.float64):
+        half = int(min(max_half_range, max(1, math.ceil(s * z))))
+        k = np.arange(-half, half + 1, dtype=np.float64)
+        # ndtr(-|x|) is accurate in both tails; the pmf is symmetric.
+        a = np.abs(k)
+        p = ndtr((0.5 - a) / s) - ndtr((-0.5 - a) / s)
+        escape = max(0.0, 1.0 - float(p.sum()))
+        pmfs.append(np.concatenate([p, [escape]]))
+        offsets.append(-half)
+    return EntropyTables.from_pmfs(pmfs, offsets, precision)

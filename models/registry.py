@@ -97,7 +97,8 @@ def _load_builtin() -> None:
         )
     )
     try:
-        from models import codec
-    except ImportError:  # the codec module is optional until it lands
+        from models import codec, hyperprior
+    except ImportError:  # the codec modules are optional until they land
         return
     codec.register_all(register, Entry)
+    hyperprior.register_all(register, Entry)

@@ -166,3 +166,21 @@ def tiny_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
     checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},  # type: ignore[arg-type]
                     extra_tensors=model.tables.to_tensors())  # type: ignore[union-attr,operator]
     return str(path.with_suffix(".safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hyper_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised tiny mean-scale hyperprior codec with its coding tables."""
+    import torch
+
+    from models import checkpoint, registry
+    from models.hyperprior import NAME
+
+    torch.manual_seed(0)
+    model = registry.build(NAME, registry.make_config(NAME, "tiny"))
+    model.eval()
+    model.update_tables()  # type: ignore[operator]
+    path = tmp_path_factory.mktemp("hcodec") / "tiny-hyper"
+    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},  # type: ignore[arg-type]
+                    extra_tensors=model.coding_tensors())  # type: ignore[operator]
+    return str(path.with_suffix(".safetensors"))

@@ -20,7 +20,10 @@ from pipeline import runner
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def test_compress_then_decompress(image_folder: Path, tmp_path: Path, tiny_codec: str) -> None:
+@pytest.mark.parametrize("codec", ["tiny_codec", "tiny_hyper_codec"])
+def test_compress_then_decompress(image_folder: Path, tmp_path: Path, codec: str,
+                                  request: pytest.FixtureRequest) -> None:
+    tiny_codec = request.getfixturevalue(codec)
     dst, out = tmp_path / "z", tmp_path / "decoded"
     res = runner.run_job(build_spec(CompressConfig(src=str(image_folder), dst=str(dst), checkpoint=tiny_codec,
                                                    quality=2), runner.RayOptions()), progress=False)

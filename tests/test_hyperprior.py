@@ -1,0 +1,277 @@
+"""Mean-scale hyperprior codec: the integer hyper-synthesis is exact, indexed entropy coding
+is pinned by golden bytes, streams round-trip at odd sizes and bad streams raise."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import bitstream, checkpoint, registry
+from models.codec import CodecEngine, macs_per_pixel
+from models.entropy import (
+    EntropyTables,
+    build_gaussian_tables,
+    decode_rows,
+    encode_rows,
+    encode_symbols,
+    scale_table,
+)
+from models.hyperprior import NAME, HyperpriorCodec, IntegerSynthesis, IntLayer
+from tests.test_codec import _photo_dir, image
+
+torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0) -> HyperpriorCodec:
+    torch.manual_seed(seed)
+    model = registry.build(NAME, registry.make_config(NAME, "tiny"))
+    assert isinstance(model, HyperpriorCodec)
+    model.eval()
+    model.update_tables()
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_model()
+    path = tmp_path_factory.mktemp("hck") / "tiny-hyper"
+    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},
+                    extra_tensors=model.coding_tensors())
+    return path.with_suffix(".safetensors")
+
+
+# ------------------------------------------------------------------ integer hyper-synthesis
+def _ref_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """Plain int64 loops (no BLAS, no floats): the definition of the convolution."""
+    c, h, wd = x.shape
+    o, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    out = np.empty((o, ho, wo), np.int64)
+    for i in range(ho):
+        for j in range(wo):
+            patch = xp[:, i * stride : i * stride + k, j * stride : j * stride + k]
+            out[:, i, j] = np.tensordot(w, patch, axes=([1, 2, 3], [0, 1, 2])) + b
+    return out
+
+
+def _ref_deconv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int, opad: int) -> np.ndarray:
+    c, h, wd = x.shape
+    _, o, k, _ = w.shape
+    full = np.zeros((o, (h - 1) * stride + k + opad, (wd - 1) * stride + k + opad), np.int64)
+    for i in range(h):
+        for j in range(wd):
+            full[:, i * stride : i * stride + k, j * stride : j * stride + k] += np.tensordot(
+                x[:, i, j], w, axes=([0], [0]))
+    ho, wo = (h - 1) * stride - 2 * pad + k + opad, (wd - 1) * stride - 2 * pad + k + opad
+    return full[:, pad : pad + ho, pad : pad + wo] + b[:, None, None]
+
+
+def _ref_integer_synthesis(net: IntegerSynthesis, sym: np.ndarray) -> np.ndarray:
+    x = np.clip(sym.astype(np.int64), -(2**24), 2**24)
+    for lay in net.layers:
+        w, b = lay.weight.numpy().astype(np.int64), lay.bias.numpy().astype(np.int64)
+        if lay.transposed:
+            acc = _ref_deconv(x, w, b, lay.stride, lay.padding, lay.output_padding)
+        else:
+            acc = _ref_conv(x, w, b, lay.stride, lay.padding)
+        x = (acc + (1 << (lay.shift - 1))) >> lay.shift if lay.shift > 0 else acc << -lay.shift
+        if lay.leaky:
+            x = np.where(x < 0, x >> 3, x)
+        x = np.clip(x, -(2**24), 2**24)
+    return x
+
+
+def test_integer_synthesis_equals_exact_integer_arithmetic() -> None:
+    """The float64 convolutions give exactly the int64 result, even with large activations."""
+    model = tiny_model(3)
+    net = IntegerSynthesis.from_float(model.h_s, frac_bits=8, weight_bits=13)
+    rng = np.random.default_rng(0)
+    for shape, spread in (((8, 3, 5), 4), ((8, 1, 1), 2), ((8, 4, 2), 3000)):
+        sym = rng.integers(-spread, spread + 1, shape)
+        got = net(sym).numpy()
+        assert np.all(got == np.round(got))
+        np.testing.assert_array_equal(got.astype(np.int64), _ref_integer_synthesis(net, sym))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        np.testing.assert_array_equal(net(sym).numpy(), _ref_integer_synthesis(net, sym))
+    torch.set_num_threads(1)
+
+
+def test_integer_synthesis_golden_output() -> None:
+    """Fixed integer weights and symbols → pinned output bytes (no float anywhere)."""
+    rng = np.random.default_rng(7)
+    mk = lambda *s: torch.from_numpy(rng.integers(-4000, 4000, s).astype(np.float64))  # noqa: E731
+    net = IntegerSynthesis([
+        IntLayer(mk(4, 6, 5, 5), mk(6), 11, True, 2, 2, 1, True),
+        IntLayer(mk(8, 6, 3, 3), mk(8), 12, False, 1, 1, 0, False),
+    ])
+    sym = rng.integers(-3, 4, (4, 2, 3))
+    out = net(sym).numpy().astype("<i8")
+    np.testing.assert_array_equal(out, _ref_integer_synthesis(net, sym))
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == GOLDEN_INT_SHA
+    net2 = IntegerSynthesis.from_tensors(net.to_tensors())
+    np.testing.assert_array_equal(net2(sym).numpy(), net(sym).numpy())
+
+
+GOLDEN_INT_SHA = "53cbbf32244bad20"
+
+
+def test_integer_synthesis_tracks_the_float_network() -> None:
+    model = tiny_model(1)
+    sym = torch.from_numpy(np.random.default_rng(1).integers(-3, 4, (1, 8, 3, 4)).astype(np.float32))
+    with torch.inference_mode():
+        ref = model.h_s(sym)[0].double().numpy()
+    assert model.int_hs is not None
+    got = model.int_hs(sym[0].numpy().astype(np.int64)).numpy() / 2**model.config.frac_bits
+    assert np.abs(got - ref).max() < 0.02 * max(1.0, np.abs(ref).max())
+
+
+# ------------------------------------------------------------------ indexed entropy coding
+GOLDEN_ROWS_HEX = "7d4ed1d66c08353d8c647c67"
+
+
+def test_golden_indexed_stream() -> None:
+    """encode_rows with fixed integer tables: pinned bytes, exact values back; the factorized
+    coder's stream is the special case rows = channel."""
+    f0, f1 = [4096, 20000, 30000, 11000, 440], [60000, 5535, 1]
+    cdf = np.full((2, 6), 1 << 16)
+    cdf[0] = np.concatenate([[0], np.cumsum(f0)])
+    cdf[1, :4] = np.concatenate([[0], np.cumsum(f1)])
+    t = EntropyTables(cdf, lengths=[4, 2], offsets=[-2, 0], precision=16)
+    values = np.array([0, 1, -1, -2, 1, 0, 7, 0, -5, 1, 0, 300, 0, 1], np.int64)
+    rows = np.array([1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0])
+    data = encode_rows(values, rows, t)
+    assert data.hex() == GOLDEN_ROWS_HEX
+    np.testing.assert_array_equal(decode_rows(data, rows, t), values)
+    chans = np.array([[[0, 1, -1], [7, 0, -5]], [[0, 1, 300], [1, 0, 0]]], np.int32)
+    by_channel = np.repeat([0, 1], 6)
+    assert encode_symbols(chans, t) == encode_rows(chans.reshape(-1), by_channel, t)
+    with pytest.raises(ValueError):
+        encode_rows(values, rows[:-1], t)
+    with pytest.raises(ValueError):
+        encode_rows(values, rows + 5, t)
+
+
+def test_gaussian_tables_cover_their_scales() -> None:
+    scales = scale_table(0.11, 256, 16)
+    t = build_gaussian_tables(scales)
+    assert t.rows == 16
+    half = -t.offsets
+    assert half[0] >= 1 and np.all(np.diff(half) >= 0) and half[-1] == 1024  # capped
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 16, 500)
+    values = np.round(rng.normal(0, scales[rows] * 1.5)).astype(np.int64)  # escapes included
+    data = encode_rows(values, rows, t)
+    np.testing.assert_array_equal(decode_rows(data, rows, t), values)
+    # a narrow table codes zeros in far fewer bits than a wide one
+    zeros = np.zeros(400, np.int64)
+    assert len(encode_rows(zeros, np.zeros(400, int), t)) < len(encode_rows(zeros, np.full(400, 15), t))
+
+
+# ------------------------------------------------------------------ the codec
+@pytest.mark.parametrize("hw", [(1, 1), (17, 33), (37, 53), (64, 80)])
+def test_round_trip_shapes_and_determinism(hw: tuple[int, int]) -> None:
+    model = tiny_model()
+    img = image(*hw)
+    for q in (1, model.config.num_qualities):
+        data = model.compress(img, q)
+        assert data == model.compress(img, q)
+        a, b = model.decompress(data), model.decompress(data)
+        assert a.shape == img.shape and a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)
+        header, _ = bitstream.unpack(data)
+        assert header.model == NAME and (header.width, header.height, header.quality) == (hw[1], hw[0], q)
+
+
+def test_engine_round_trip_and_tables_required(ckpt: Path, tmp_path: Path) -> None:
+    engine = CodecEngine(str(ckpt), threads=1)
+    img = image(40, 56)
+    data = engine.compress(img)
+    assert engine.decompress(data).shape == img.shape
+    model = tiny_model()
+    path = tmp_path / "notables"
+    tensors = {k: v for k, v in model.coding_tensors().items() if not k.startswith("gauss.")}
+    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"}, extra_tensors=tensors)
+    with pytest.raises(checkpoint.CheckpointError, match="entropy tables"):
+        CodecEngine(str(path))
+    # a factorized engine refuses a hyperprior stream (and says why)
+    from tests.test_codec import tiny_model as tiny_factorized
+
+    with pytest.raises(bitstream.BitstreamError, match="made by model"):
+        tiny_factorized().decompress(data)
+
+
+def test_corrupted_streams_raise_not_crash(ckpt: Path) -> None:
+    engine = CodecEngine(str(ckpt))
+    data = engine.compress(image(33, 47), 4)
+    for n in range(0, len(data), 3):
+        with pytest.raises(bitstream.BitstreamError):
+            engine.decompress(data[:n])
+    for i in range(0, len(data) * 8, 7):
+        bad = bytearray(data)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(bitstream.BitstreamError):
+            engine.decompress(bytes(bad))
+    # forged payloads (CRC recomputed): a clean error or an image, never a crash
+    header, payload = bitstream.unpack(data)
+    rng = np.random.default_rng(0)
+    for k in range(30):
+        junk = rng.integers(0, 256, max(0, len(payload) + 4 * int(rng.integers(-2, 3)))).astype(np.uint8)
+        if k % 3 == 0:  # a plausible side-stream length in front of the junk
+            junk[:4] = np.frombuffer(int(rng.integers(0, len(junk))).to_bytes(4, "big"), np.uint8)
+        try:
+            out = engine.decompress(bitstream.pack(header, junk.tobytes()))
+        except bitstream.BitstreamError:
+            continue
+        assert out.shape == (33, 47, 3)
+
+
+def test_macs_include_the_hyper_synthesis_on_both_sides() -> None:
+    model = tiny_model()
+    macs = macs_per_pixel(model)
+    fact = 150 + 100 + 25 + 6.25 + 16 + 4 + 1  # g_a (= g_s) of the tiny preset, as in test_codec
+    # h_a: 8·8·9/256 + 8·8·25/1024 + 8·8·25/4096; h_s: 8·8·25/(4·1024) + 8·12·25/(4·256) + 12·16·9/256
+    h_a = 64 * 9 / 256 + 64 * 25 / 1024 + 64 * 25 / 4096
+    h_s = 64 * 25 / 4096 + 96 * 25 / 1024 + 192 * 9 / 256
+    assert macs["encoder"] == pytest.approx(fact + h_a + h_s)
+    assert macs["decoder"] == pytest.approx(fact + h_s)
+    assert isinstance(model.h_s[-1], nn.Conv2d)
+
+
+def test_training_from_a_factorized_checkpoint(tmp_path: Path) -> None:
+    """``--init-from``: the transforms come from a factorized codec, gains are mapped onto the
+    new λ ladder, and the trained hyperprior checkpoint codes real streams."""
+    from jobs.train_codec import CodecTrainConfig, init_from, run
+    from models.codec import NAME as FACT
+    from tests.test_codec import tiny_model as tiny_factorized
+
+    src = tiny_factorized()
+    src_path = tmp_path / "fact"
+    checkpoint.save(src_path, FACT, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    model = tiny_model()
+    copied = init_from(model, str(src_path))
+    assert any(k.startswith("g_a.") for k in copied) and "log_gain" in copied
+    assert not any(k.startswith(("h_a.", "h_s.", "density.")) for k in copied)
+    torch.testing.assert_close(model.g_s[0].weight, src.g_s[0].weight)
+    # the new ladder starts below and ends above the old one: gains extrapolate monotonically
+    g = model.log_gain.detach().mean(dim=1)
+    assert torch.all(g[1:] > g[:-1])
+    data = _photo_dir(tmp_path / "photos")
+    cfg = CodecTrainConfig(
+        data=str(data), out=str(tmp_path / "run"), model=NAME, preset="tiny", steps=12, lr=2e-3,
+        warmup=2, batch=6, crop=64, threads=1, eval_every=6, save_every=6, eval_crop=64,
+        init_from=str(src_path), release=str(tmp_path / "release"),
+    )
+    result = run(cfg, workers=0)
+    assert [p["step"] for p in result["curve"]] == [6, 12]
+    assert all(p["bpp"] > 0 for p in result["curve"][-1]["holdout"])
+    engine = CodecEngine(str(tmp_path / "release"))
+    assert engine.name == NAME
+    img = image(30, 30)
+    assert engine.decompress(engine.compress(img)).shape == img.shape
