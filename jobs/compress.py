@@ -199,6 +199,23 @@ class DecompressActor:
         return {"key": batch["key"], "status": objects(status), "error": objects(error)}
 
 
+def checkpoint_for(manifest: dict[str, Any], shas: set[str]) -> str:
+    """The checkpoint that decodes a compressed DST: the one its manifest names when that file
+    is still there with the recorded sha256, else a shipped checkpoint with a sha256 the rows
+    carry (an archive outlives the install that wrote it), else the default codec."""
+    recorded = (manifest.get("config") or {}).get("checkpoint")
+    candidates = [recorded] if recorded else []
+    candidates += [str(p) for sha in sorted(shas) for p in checkpoint.shipped_with_sha256(sha)]
+    for ref in candidates:
+        try:
+            path = checkpoint.resolve(ref)
+            if not shas or checkpoint.read_meta(path).get("sha256") in shas:
+                return str(path)
+        except checkpoint.CheckpointError:
+            continue
+    return DEFAULT_CODEC
+
+
 def decompress(dst: str, out: str, fmt: str = "png", max_error_rate: float = 1.0,
                ray_opts: runner.RayOptions | None = None) -> dict[str, Any]:
     import ray
@@ -220,7 +237,7 @@ def decompress(dst: str, out: str, fmt: str = "png", max_error_rate: float = 1.0
     names = output_names(safe, EXTENSIONS.get(fmt, ".png"))
     shas = {r["checkpoint_sha256"] for r in meta_rows if r["checkpoint_sha256"]}
     manifest = runner.read_json_safe(storage.join(dst, "_manifest.json")) or {}
-    ck_ref = (manifest.get("config") or {}).get("checkpoint") or DEFAULT_CODEC
+    ck_ref = checkpoint_for(manifest, shas)
     runner.init_ray(ray_opts.address)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 2))
     cpus, threads = runner.actor_resources(ray_opts, cluster_cpus)

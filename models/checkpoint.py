@@ -104,6 +104,18 @@ def resolve(ref: str | os.PathLike[str]) -> Path:
     raise CheckpointError(f"checkpoint not found: {ref}")
 
 
+def shipped_with_sha256(sha256: str) -> list[Path]:
+    """Checkpoints shipped in ``models/weights`` whose sidecar records ``sha256``."""
+    out = []
+    for side in sorted(PACKAGE_WEIGHTS.glob("*.json")):
+        try:
+            if json.loads(side.read_text()).get("sha256") == sha256:
+                out.append(side.with_suffix(".safetensors"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def read_meta(ref: str | os.PathLike[str]) -> dict[str, Any]:
     path = resolve(ref)
     try:

@@ -86,3 +86,21 @@ def test_bad_quality_is_refused(image_folder: Path, tmp_path: Path, tiny_codec: 
     res = CliRunner().invoke(app, ["compress", str(image_folder), "--out", str(tmp_path / "z"),
                                    "--checkpoint", tiny_codec, "--quality", "99"])
     assert res.exit_code == 2 and "quality" in res.output
+
+
+def test_decompress_finds_the_checkpoint_by_sha256(tiny_codec: str, tmp_path: Path) -> None:
+    """The manifest's checkpoint path is used while it exists with the right sha256; an archive
+    moved to another install (path gone) decodes with the shipped checkpoint of that sha256."""
+    from jobs.compress import DEFAULT_CODEC, checkpoint_for
+    from models import checkpoint
+
+    sha = checkpoint.read_meta(tiny_codec)["sha256"]
+    assert checkpoint_for({"config": {"checkpoint": tiny_codec}}, {sha}) == tiny_codec
+    shipped = checkpoint.resolve(DEFAULT_CODEC)
+    shipped_sha = checkpoint.read_meta(shipped)["sha256"]
+    assert checkpoint.shipped_with_sha256(shipped_sha) == [shipped]
+    gone = {"config": {"checkpoint": str(tmp_path / "moved" / "codec.safetensors")}}
+    assert checkpoint_for(gone, {shipped_sha}) == str(shipped)
+    # a recorded path whose file now has another sha256 is not trusted
+    assert checkpoint_for({"config": {"checkpoint": tiny_codec}}, {shipped_sha}) == str(shipped)
+    assert checkpoint_for({}, set()) == DEFAULT_CODEC
