@@ -60,6 +60,10 @@ class CodecTrainConfig(BaseTrainConfig):
     clip_grad: float = 1.0
     eval_limit: int = 0  # evaluate on the first N held-out photos only (0: all)
     init_from: str = ""  # start a fresh model from another codec checkpoint's transforms
+    # Only the entropy models (h_a, h_s, densities) learn for the first N steps: a new
+    # hyperprior learns the latents of an --init-from codec before the transforms and gains move
+    # (unfrozen at step 0 they are knocked far off by the rates of a random hyper-synthesis).
+    freeze_steps: int = 0
 
 
 def holdout_crops(data: str, crop: int, limit: int = 0) -> list[np.ndarray]:
@@ -111,11 +115,31 @@ def rd_loss(
 
 def param_groups(model: FactorizedCodec, cfg: CodecTrainConfig) -> list[dict[str, Any]]:
     """Transforms at ``lr``; the small density MLPs and the gain vectors learn faster (they
-    must move far from their initialisation, and Adam's steps are ~lr in parameter units)."""
-    fast = [model.log_gain, model.log_inv_gain, *model.density.parameters()]
-    fast_ids = {id(p) for p in fast}
-    slow = [p for p in model.parameters() if id(p) not in fast_ids]
-    return [{"params": slow, "lr_mult": 1.0}, {"params": fast, "lr_mult": cfg.entropy_lr_mult}]
+    must move far from their initialisation, and Adam's steps are ~lr in parameter units).
+    ``freeze`` marks what stays fixed for ``cfg.freeze_steps``. (Parameter order is that of
+    earlier releases — transforms, gains, densities — so their optimizer states still load.)"""
+    gains = [model.log_gain, model.log_inv_gain]
+    density = list(model.density.parameters())
+    hyper = [p for name in ("h_a", "h_s") if hasattr(model, name)
+             for p in getattr(model, name).parameters()]
+    other = {id(p) for p in (*gains, *density, *hyper)}
+    transforms = [p for p in model.parameters() if id(p) not in other]
+    groups = [
+        {"params": transforms, "lr_mult": 1.0, "freeze": True},
+        {"params": hyper, "lr_mult": 1.0, "freeze": False},
+        {"params": gains, "lr_mult": cfg.entropy_lr_mult, "freeze": True},
+        {"params": density, "lr_mult": cfg.entropy_lr_mult, "freeze": False},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def group_lr(group: dict[str, Any], lr: float, step: int, cfg: CodecTrainConfig) -> float:
+    """A group's learning rate at ``step``: 0 while frozen, then ramped up over ``warmup``."""
+    if not group["freeze"] or step >= cfg.freeze_steps + cfg.warmup or not cfg.freeze_steps:
+        return lr * group["lr_mult"]
+    if step < cfg.freeze_steps:
+        return 0.0
+    return lr * group["lr_mult"] * (step - cfg.freeze_steps + 1) / cfg.warmup
 
 
 def init_from(model: FactorizedCodec, ref: str) -> list[str]:
@@ -242,13 +266,23 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         if in_ray:
             ray.train.report({k: v for k, v in point.items() if k != "holdout"})
 
+    def set_frozen(frozen: bool) -> None:  # frozen weights need no gradients: faster steps
+        for g in opt.param_groups:
+            if g["freeze"]:
+                for p in g["params"]:
+                    p.requires_grad_(not frozen)
+
+    if step < cfg.freeze_steps:
+        set_frozen(True)
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     bad_steps = 0
     while step < cfg.steps and time.time() < deadline:
+        if step == cfg.freeze_steps and cfg.freeze_steps:
+            set_frozen(False)
         x = sampler.batch(cfg.crop, cfg.batch).contiguous(memory_format=torch.channels_last)
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step) * g["lr_mult"]
+            g["lr"] = group_lr(g, lr_at(step), step, cfg)
         loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas)
         if not torch.isfinite(loss) and world == 1:  # skip the batch, keep the weights
             bad_steps += 1
@@ -351,6 +385,9 @@ def register(train_app: typer.Typer) -> None:
         warmup: Annotated[
             int, typer.Option(help="Learning-rate warmup steps.")
         ] = 200,
+        freeze_steps: Annotated[
+            int, typer.Option(help="Train only the entropy models for the first N steps (with --init-from).")
+        ] = 0,
     ) -> None:
         """Train the variable-rate factorized-prior codec (all quality levels in one model)."""
         cfg = CodecTrainConfig(
@@ -358,7 +395,7 @@ def register(train_app: typer.Typer) -> None:
             crop=crop, seed=seed, threads=threads, resume=str(resume or ""),
             release=str(release or ""), max_minutes=max_minutes, eval_every=eval_every,
             save_every=save_every, limit_images=limit_images, init_from=str(init or ""),
-            warmup=warmup,
+            warmup=warmup, freeze_steps=freeze_steps,
         )
         result = run(cfg, workers=workers, use_gpu=gpu)
         typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")

@@ -266,7 +266,7 @@ def test_training_from_a_factorized_checkpoint(tmp_path: Path) -> None:
     cfg = CodecTrainConfig(
         data=str(data), out=str(tmp_path / "run"), model=NAME, preset="tiny", steps=12, lr=2e-3,
         warmup=2, batch=6, crop=64, threads=1, eval_every=6, save_every=6, eval_crop=64,
-        init_from=str(src_path), release=str(tmp_path / "release"),
+        init_from=str(src_path), release=str(tmp_path / "release"), freeze_steps=12,
     )
     result = run(cfg, workers=0)
     assert [p["step"] for p in result["curve"]] == [6, 12]
@@ -275,3 +275,20 @@ def test_training_from_a_factorized_checkpoint(tmp_path: Path) -> None:
     assert engine.name == NAME
     img = image(30, 30)
     assert engine.decompress(engine.compress(img)).shape == img.shape
+    # frozen for all 12 steps: the transforms and gains are still the source's, h_s learned
+    trained = checkpoint.load(tmp_path / "run" / "last").model
+    torch.testing.assert_close(trained.g_a[0].weight, src.g_a[0].weight)
+    torch.testing.assert_close(trained.log_gain, model.log_gain)
+    assert not torch.equal(trained.h_s[0].weight, tiny_model().h_s[0].weight)
+
+
+def test_frozen_groups_ramp_up_after_the_freeze() -> None:
+    from jobs.train_codec import CodecTrainConfig, group_lr
+
+    cfg = CodecTrainConfig(data="d", out="o", freeze_steps=100, warmup=10)
+    frozen, free = {"freeze": True, "lr_mult": 2.0}, {"freeze": False, "lr_mult": 1.0}
+    assert group_lr(frozen, 1e-3, 99, cfg) == 0.0 and group_lr(free, 1e-3, 0, cfg) == 1e-3
+    assert group_lr(frozen, 1e-3, 100, cfg) == pytest.approx(2e-4)
+    assert group_lr(frozen, 1e-3, 110, cfg) == pytest.approx(2e-3)
+    no_freeze = CodecTrainConfig(data="d", out="o")
+    assert group_lr(frozen, 1e-3, 0, no_freeze) == pytest.approx(2e-3)
