@@ -117,6 +117,16 @@ class GDN(nn.Module):
         return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
 
 
+def quantize(v: torch.Tensor, offset: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of the rate term, input of the decoder) for latents ``v`` rounded around
+    ``offset``. Training: additive uniform noise for the rate, straight-through rounding for the
+    decoder ("mixed" quantization, Minnen & Singh 2020); otherwise the rounded values for both."""
+    rounded = torch.round(v - offset) + offset
+    if training:
+        return v + torch.empty_like(v).uniform_(-0.5, 0.5), v + (rounded - v).detach()
+    return rounded, rounded
+
+
 def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=2, padding=k // 2)
 
@@ -192,12 +202,7 @@ class FactorizedCodec(nn.Module):
         y = self.analysis(x)
         z = y * torch.exp(self.log_gain[q])[:, :, None, None]
         med = self.density.medians().to(z.device)[q][:, :, None, None]
-        z_round = torch.round(z - med) + med
-        if self.training:
-            z_rate = z + torch.empty_like(z).uniform_(-0.5, 0.5)
-            z_hat = z + (z_round - z).detach()
-        else:
-            z_rate = z_hat = z_round
+        z_rate, z_hat = quantize(z, med, self.training)
         lik = self.density.likelihood(z_rate, q)
         y_hat = z_hat * torch.exp(self.log_inv_gain[q])[:, :, None, None]
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": lik}}

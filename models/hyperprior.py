@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import bitstream
-from models.codec import CodecConfig, FactorizedCodec, _conv, _deconv
+from models.codec import CodecConfig, FactorizedCodec, _conv, _deconv, quantize
 from models.entropy import (
     EntropyCodingError,
     EntropyTables,
@@ -55,9 +55,9 @@ from models.entropy import (
 )
 
 NAME = "hyperprior-codec"
-# Wider than the factorized ladder: a hyperprior spends fewer bits at a given λ, and the rate
-# points should span about 0.2–1.2 bpp on photos (geometric, ratio ~2.45).
-HYPER_LAMBDAS = (0.0018, 0.0044, 0.0108, 0.0266, 0.0654, 0.16)
+# The factorized ladder with one more point below: a hyperprior spends fewer bits at a given λ,
+# and the rate points should reach down to about 0.2 bpp on photos.
+HYPER_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932)
 SLOPE_SHIFT = 3  # LeakyReLU slope 2**-3: an exact shift in the integer network
 SLOPE = 2.0**-SLOPE_SHIFT
 HYPER_FACTOR = 4  # h_a downsamples z by 4
@@ -68,6 +68,7 @@ _LEN = struct.Struct(">I")
 @dataclass(frozen=True)
 class HyperCodecConfig(CodecConfig):
     lambdas: tuple[float, ...] = HYPER_LAMBDAS
+    default_quality: int = 5  # λ = 0.025, the factorized codec's default
     hyper_channels: int = 128  # channels of h_a/h_s and of the side latent w
     scale_min: float = 0.11  # coding scales: log-spaced scale_min..scale_max
     scale_max: float = 256.0
@@ -232,20 +233,11 @@ class HyperpriorCodec(FactorizedCodec):
         z = self.analysis(x) * torch.exp(self.log_gain[q])[:, :, None, None]
         w = self.h_a(_pad_to(z, HYPER_FACTOR))
         med = self.density.medians().to(w.device)[q][:, :, None, None]
-        w_sym = torch.round(w - med)
-        if self.training:
-            w_rate = w + torch.empty_like(w).uniform_(-0.5, 0.5)
-            w_in = (w - med) + (w_sym - (w - med)).detach()
-        else:
-            w_rate, w_in = w_sym + med, w_sym
+        w_rate, w_hat = quantize(w, med, self.training)
         lik_w = self.density.likelihood(w_rate, q)
-        mean, log_scale = self._params(w_in, (z.shape[-2], z.shape[-1]))
-        z_round = torch.round(z - mean) + mean
-        if self.training:
-            z_rate = z + torch.empty_like(z).uniform_(-0.5, 0.5)
-            z_hat = z + (z_round - z).detach()
-        else:
-            z_rate = z_hat = z_round
+        # h_s reads the integer symbols round(w - median), as the integer network will
+        mean, log_scale = self._params(w_hat - med, (z.shape[-2], z.shape[-1]))
+        z_rate, z_hat = quantize(z, mean, self.training)
         lik_z = gaussian_likelihood(z_rate - mean, torch.exp(log_scale), self.config.scale_min)
         y_hat = z_hat * torch.exp(self.log_inv_gain[q])[:, :, None, None]
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": lik_z, "z": lik_w}}

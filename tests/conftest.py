@@ -150,37 +150,29 @@ def ray_local(s3_server):  # noqa: ARG001 - workers must inherit the S3 environm
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def tiny_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A randomly initialised tiny codec with its integer entropy tables."""
+def _tiny_codec_checkpoint(name: str, folder: Path) -> str:
+    """A randomly initialised tiny codec of registry ``name`` saved with its coding tables."""
     import torch
 
     from models import checkpoint, registry
-    from models.codec import NAME
 
     torch.manual_seed(0)
-    model = registry.build(NAME, registry.make_config(NAME, "tiny"))
+    model = registry.build(name, registry.make_config(name, "tiny"))
     model.eval()
     model.update_tables()  # type: ignore[operator]
-    path = tmp_path_factory.mktemp("codec") / "tiny-codec"
-    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},  # type: ignore[arg-type]
-                    extra_tensors=model.tables.to_tensors())  # type: ignore[union-attr,operator]
+    path = folder / f"tiny-{name}"
+    checkpoint.save(path, name, model.config, model, {"kind": "codec"},  # type: ignore[arg-type]
+                    extra_tensors=model.coding_tensors())  # type: ignore[operator]
     return str(path.with_suffix(".safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny factorized codec checkpoint."""
+    return _tiny_codec_checkpoint("factorized-codec", tmp_path_factory.mktemp("codec"))
 
 
 @pytest.fixture(scope="session")
 def tiny_hyper_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A randomly initialised tiny mean-scale hyperprior codec with its coding tables."""
-    import torch
-
-    from models import checkpoint, registry
-    from models.hyperprior import NAME
-
-    torch.manual_seed(0)
-    model = registry.build(NAME, registry.make_config(NAME, "tiny"))
-    model.eval()
-    model.update_tables()  # type: ignore[operator]
-    path = tmp_path_factory.mktemp("hcodec") / "tiny-hyper"
-    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},  # type: ignore[arg-type]
-                    extra_tensors=model.coding_tensors())  # type: ignore[operator]
-    return str(path.with_suffix(".safetensors"))
+    """A tiny mean-scale hyperprior codec checkpoint."""
+    return _tiny_codec_checkpoint("hyperprior-codec", tmp_path_factory.mktemp("hcodec"))

@@ -51,9 +51,8 @@ def test_registry_and_presets() -> None:
         assert cfg.multiple == 16 and cfg.num_qualities >= 4
 
 
-@pytest.mark.parametrize("hw", [(1, 1), (17, 33), (37, 53), (16, 32)])
-def test_round_trip_shapes_and_determinism(hw: tuple[int, int]) -> None:
-    model = tiny_model()
+def assert_round_trips(model: FactorizedCodec, hw: tuple[int, int]) -> None:
+    """Deterministic streams and images of the right size at the lowest and highest quality."""
     img = image(*hw)
     for q in (1, model.config.num_qualities):
         data = model.compress(img, q)
@@ -62,7 +61,13 @@ def test_round_trip_shapes_and_determinism(hw: tuple[int, int]) -> None:
         assert a.shape == img.shape and a.dtype == np.uint8
         np.testing.assert_array_equal(a, b)
         header, _ = bitstream.unpack(data)
+        assert header.model == model.stream_name
         assert (header.width, header.height, header.quality) == (hw[1], hw[0], q)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (17, 33), (37, 53), (16, 32)])
+def test_round_trip_shapes_and_determinism(hw: tuple[int, int]) -> None:
+    assert_round_trips(tiny_model(), hw)
 
 
 def test_invalid_inputs() -> None:

@@ -22,7 +22,7 @@ from models.entropy import (
     scale_table,
 )
 from models.hyperprior import NAME, HyperpriorCodec, IntegerSynthesis, IntLayer
-from tests.test_codec import _photo_dir, image
+from tests.test_codec import _photo_dir, assert_round_trips, image
 
 torch.set_num_threads(1)
 
@@ -177,16 +177,7 @@ def test_gaussian_tables_cover_their_scales() -> None:
 # ------------------------------------------------------------------ the codec
 @pytest.mark.parametrize("hw", [(1, 1), (17, 33), (37, 53), (64, 80)])
 def test_round_trip_shapes_and_determinism(hw: tuple[int, int]) -> None:
-    model = tiny_model()
-    img = image(*hw)
-    for q in (1, model.config.num_qualities):
-        data = model.compress(img, q)
-        assert data == model.compress(img, q)
-        a, b = model.decompress(data), model.decompress(data)
-        assert a.shape == img.shape and a.dtype == np.uint8
-        np.testing.assert_array_equal(a, b)
-        header, _ = bitstream.unpack(data)
-        assert header.model == NAME and (header.width, header.height, header.quality) == (hw[1], hw[0], q)
+    assert_round_trips(tiny_model(), hw)
 
 
 def test_engine_round_trip_and_tables_required(ckpt: Path, tmp_path: Path) -> None:
