@@ -154,23 +154,16 @@ def init_from(model: FactorizedCodec, ref: str) -> list[str]:
     ours = model.state_dict()
     take = {k: v for k, v in theirs.items()
             if k in ours and v.shape == ours[k].shape and not k.startswith("density.")}
-    lam_src = np.log(np.asarray(src.config.lambdas))
-    lam_dst = np.log(np.asarray(model.config.lambdas))
     if tuple(src.config.lambdas) != tuple(model.config.lambdas) and (
             theirs["log_gain"].shape[1] == ours["log_gain"].shape[1]):
+        lam_src = np.log(np.asarray(src.config.lambdas))
+        lam_dst = np.log(np.asarray(model.config.lambdas))
+        # piecewise linear in log λ; beyond the ends, the end segments continued
+        i = np.clip(np.searchsorted(lam_src, lam_dst) - 1, 0, len(lam_src) - 2)
+        t = ((lam_dst - lam_src[i]) / (lam_src[i + 1] - lam_src[i]))[:, None]
         for key in ("log_gain", "log_inv_gain"):
             g = theirs[key].double().numpy()  # (Q_src, M)
-            slope_lo = (g[1] - g[0]) / (lam_src[1] - lam_src[0])
-            slope_hi = (g[-1] - g[-2]) / (lam_src[-1] - lam_src[-2])
-            rows = []
-            for lam in lam_dst:
-                if lam < lam_src[0]:
-                    rows.append(g[0] + slope_lo * (lam - lam_src[0]))
-                elif lam > lam_src[-1]:
-                    rows.append(g[-1] + slope_hi * (lam - lam_src[-1]))
-                else:
-                    rows.append(np.array([np.interp(lam, lam_src, g[:, c]) for c in range(g.shape[1])]))
-            take[key] = torch.from_numpy(np.stack(rows)).float()
+            take[key] = torch.from_numpy(g[i] + t * (g[i + 1] - g[i])).float()
     model.load_state_dict(take, strict=False)
     log.info("initialised %d tensors from %s", len(take), ref)
     return sorted(take)

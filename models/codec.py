@@ -127,6 +127,20 @@ def quantize(v: torch.Tensor, offset: torch.Tensor, training: bool) -> tuple[tor
     return rounded, rounded
 
 
+def pad_to_multiple(x: torch.Tensor, mult: int) -> torch.Tensor:
+    """Replicate-pad the bottom and right of (N, C, H, W) ``x`` to multiples of ``mult``."""
+    pb, pr = (-x.shape[-2]) % mult, (-x.shape[-1]) % mult
+    return F.pad(x, (0, pr, 0, pb), mode="replicate") if pb or pr else x
+
+
+def to_symbols(v: torch.Tensor, offset: torch.Tensor) -> np.ndarray:
+    """int32 coding symbols ``round(v - offset)`` (non-finite latents refused, not coded)."""
+    sym = torch.round(v - offset)
+    if not torch.isfinite(sym).all():
+        raise EntropyCodingError("non-finite latents")
+    return sym.clamp(-(2**30), 2**30).to(torch.int32).numpy()
+
+
 def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=2, padding=k // 2)
 
@@ -259,12 +273,9 @@ class FactorizedCodec(nn.Module):
         h, w = img.shape[:2]
         if h < 1 or w < 1:
             raise ValueError(f"empty image {img.shape}")
-        mult = self.config.multiple
-        pb, pr = (-h) % mult, (-w) % mult
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
-        if pb or pr:
-            x = F.pad(x, (0, pr, 0, pb), mode="replicate")
-        return x, pb, pr
+        x = pad_to_multiple(x, self.config.multiple)
+        return x, x.shape[2] - h, x.shape[3] - w
 
     @torch.inference_mode()
     def compress(self, img: np.ndarray, quality: int, sha256: str = "") -> bytes:
@@ -274,16 +285,16 @@ class FactorizedCodec(nn.Module):
         x, pb, pr = self.pad(img)
         y = self.analysis(x)[0]
         z = y * torch.exp(self.log_gain[quality - 1])[:, None, None]
-        med = torch.from_numpy(rows.medians)[:, None, None]
-        sym = torch.round(z - med)
-        if not torch.isfinite(sym).all():
-            raise EntropyCodingError("non-finite latents")
-        sym_np = sym.clamp(-(2**30), 2**30).to(torch.int32).numpy()
-        payload = encode_symbols(sym_np, rows)
+        sym = to_symbols(z, torch.from_numpy(rows.medians)[:, None, None])
+        return self._pack(img, quality, sha256, pb, pr, sym.shape, encode_symbols(sym, rows))
+
+    def _pack(self, img: np.ndarray, quality: int, sha256: str, pb: int, pr: int,
+              latent_shape: tuple[int, ...], payload: bytes) -> bytes:
+        """The stream: this model's header for ``img``, then ``payload``."""
         header = bitstream.Header(
             model=self.stream_name, sha256_prefix=bitstream.Header.sha_prefix(sha256), quality=quality,
             width=img.shape[1], height=img.shape[0], pad_bottom=pb, pad_right=pr,
-            latent_shape=tuple(sym_np.shape),  # type: ignore[arg-type]
+            latent_shape=tuple(latent_shape),  # type: ignore[arg-type]
         )
         return bitstream.pack(header, payload)
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import bitstream
-from models.codec import CodecConfig, FactorizedCodec, _conv, _deconv, quantize
+from models.codec import CodecConfig, FactorizedCodec, _conv, _deconv, pad_to_multiple, quantize, to_symbols
 from models.entropy import (
     EntropyCodingError,
     EntropyTables,
@@ -177,11 +177,6 @@ class IntegerSynthesis:
         return cls(layers)
 
 
-def _pad_to(x: torch.Tensor, mult: int) -> torch.Tensor:
-    pb, pr = (-x.shape[-2]) % mult, (-x.shape[-1]) % mult
-    return F.pad(x, (0, pr, 0, pb), mode="replicate") if pb or pr else x
-
-
 # --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
@@ -231,7 +226,7 @@ class HyperpriorCodec(FactorizedCodec):
         ``z`` (the side latent, factorized)."""
         q = self._quality_index(quality, x.shape[0])
         z = self.analysis(x) * torch.exp(self.log_gain[q])[:, :, None, None]
-        w = self.h_a(_pad_to(z, HYPER_FACTOR))
+        w = self.h_a(pad_to_multiple(z, HYPER_FACTOR))
         med = self.density.medians().to(w.device)[q][:, :, None, None]
         w_rate, w_hat = quantize(w, med, self.training)
         lik_w = self.density.likelihood(w_rate, q)
@@ -294,23 +289,15 @@ class HyperpriorCodec(FactorizedCodec):
         rows = self._rows(quality)
         x, pb, pr = self.pad(img)
         z = self.analysis(x) * torch.exp(self.log_gain[quality - 1])[None, :, None, None]
-        w = self.h_a(_pad_to(z, HYPER_FACTOR))[0]
-        w_sym = torch.round(w - torch.from_numpy(rows.medians)[:, None, None])
-        if not (torch.isfinite(w_sym).all() and torch.isfinite(z).all()):
-            raise EntropyCodingError("non-finite latents")
-        w_np = w_sym.clamp(-(2**30), 2**30).to(torch.int32).numpy()
-        side = encode_symbols(w_np, rows)
+        w = self.h_a(pad_to_multiple(z, HYPER_FACTOR))[0]
+        w_sym = to_symbols(w, torch.from_numpy(rows.medians)[:, None, None])
+        side = encode_symbols(w_sym, rows)
         z = z[0]
-        mean, index = self._coding_params(w_np, (z.shape[1], z.shape[2]))
-        sym = torch.round(z - mean).clamp(-(2**30), 2**30).to(torch.int32).numpy()
+        mean, index = self._coding_params(w_sym, (z.shape[1], z.shape[2]))
+        sym = to_symbols(z, mean)
         assert self.gauss is not None
         main = encode_rows(sym.reshape(-1), index.reshape(-1), self.gauss)
-        header = bitstream.Header(
-            model=self.stream_name, sha256_prefix=bitstream.Header.sha_prefix(sha256), quality=quality,
-            width=img.shape[1], height=img.shape[0], pad_bottom=pb, pad_right=pr,
-            latent_shape=tuple(sym.shape),  # type: ignore[arg-type]
-        )
-        return bitstream.pack(header, _LEN.pack(len(side)) + side + main)
+        return self._pack(img, quality, sha256, pb, pr, sym.shape, _LEN.pack(len(side)) + side + main)
 
     @torch.inference_mode()
     def decompress(self, data: bytes, sha256: str | None = None) -> np.ndarray:

@@ -116,17 +116,21 @@ def test_engine_needs_tables(tmp_path: Path) -> None:
         CodecEngine(str(path))
 
 
-def test_corrupted_streams_raise_not_crash(ckpt: Path) -> None:
-    engine = CodecEngine(str(ckpt))
-    data = engine.compress(image(33, 47), 4)
+def assert_truncations_and_bit_flips_raise(engine: CodecEngine, data: bytes, flip_every: int) -> None:
+    """Every 3rd truncation and every ``flip_every``-th single-bit flip is a BitstreamError."""
     for n in range(0, len(data), 3):
         with pytest.raises(bitstream.BitstreamError):
             engine.decompress(data[:n])
-    for i in range(0, len(data) * 8, 5):
+    for i in range(0, len(data) * 8, flip_every):
         bad = bytearray(data)
         bad[i // 8] ^= 1 << (i % 8)
         with pytest.raises(bitstream.BitstreamError):
             engine.decompress(bytes(bad))
+
+
+def test_corrupted_streams_raise_not_crash(ckpt: Path) -> None:
+    engine = CodecEngine(str(ckpt))
+    assert_truncations_and_bit_flips_raise(engine, engine.compress(image(33, 47), 4), flip_every=5)
 
 
 def test_payload_garbage_behind_a_valid_crc_raises_or_decodes(ckpt: Path) -> None:
