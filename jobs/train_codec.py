@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,19 +144,20 @@ def group_lr(group: dict[str, Any], lr: float, step: int, cfg: CodecTrainConfig)
 
 
 def init_from(model: FactorizedCodec, ref: str) -> list[str]:
-    """Copy every tensor of codec checkpoint ``ref`` whose name and shape match (the analysis
-    and synthesis transforms, e.g. a factorized codec's into a hyperprior one). Gain vectors are
-    interpolated over log λ when the two ladders differ (extrapolated at the ends), so each new
-    rate point starts near the old one with the closest λ. Returns the copied names."""
+    """Start ``model`` from codec checkpoint ``ref``: copy every tensor whose name and shape
+    match (e.g. a factorized codec's transforms into a hyperprior one; a hyperprior's side
+    density too), and widen those that grew (more latent channels, see :func:`widen`). Gain
+    vectors are interpolated over log λ when the two ladders differ (extrapolated at the ends),
+    so each new rate point starts near the old one with the closest λ. Returns the copied names."""
     src = checkpoint.load(ref)
     if not isinstance(src.model, FactorizedCodec):
         raise SystemExit(f"{ref} is not a codec checkpoint")
     theirs = src.model.state_dict()
     ours = model.state_dict()
+    same_kind = type(src.model) is type(model)  # else the densities model different latents
     take = {k: v for k, v in theirs.items()
-            if k in ours and v.shape == ours[k].shape and not k.startswith("density.")}
-    if tuple(src.config.lambdas) != tuple(model.config.lambdas) and (
-            theirs["log_gain"].shape[1] == ours["log_gain"].shape[1]):
+            if k in ours and v.shape == ours[k].shape and (same_kind or not k.startswith("density."))}
+    if tuple(src.config.lambdas) != tuple(model.config.lambdas):
         lam_src = np.log(np.asarray(src.config.lambdas))
         lam_dst = np.log(np.asarray(model.config.lambdas))
         # piecewise linear in log λ; beyond the ends, the end segments continued
@@ -163,10 +165,65 @@ def init_from(model: FactorizedCodec, ref: str) -> list[str]:
         t = ((lam_dst - lam_src[i]) / (lam_src[i + 1] - lam_src[i]))[:, None]
         for key in ("log_gain", "log_inv_gain"):
             g = theirs[key].double().numpy()  # (Q_src, M)
-            take[key] = torch.from_numpy(g[i] + t * (g[i + 1] - g[i])).float()
+            theirs[key] = torch.from_numpy(g[i] + t * (g[i + 1] - g[i])).float()
+            if theirs[key].shape == ours[key].shape:
+                take[key] = theirs[key]
+    take.update(widen(model, theirs, set(take)))
     model.load_state_dict(take, strict=False)
     log.info("initialised %d tensors from %s", len(take), ref)
     return sorted(take)
+
+
+def widen(model: FactorizedCodec, theirs: dict[str, torch.Tensor], done: set[str]) -> dict[str, torch.Tensor]:
+    """Tensors of ``model`` grown from smaller ones in ``theirs`` (Net2Net-style, same depth,
+    more channels) so that the widened model computes, and spends, what the old one did: new
+    input channels of a layer get zero weights; new output channels keep a tenth of their fresh
+    initialisation, so the new latent channels carry small random features (they round to 0:
+    nearly free) and the zero weights reading them get gradients at once. The hyper-synthesis'
+    last layer holds (mean, log-scale) halves, each widened in place; new channels start at
+    mean 0 and the smallest coding scale. New gain columns start at each quality's average."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    last_hs = getattr(model, "h_s", [None])[-1]
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            continue
+        key = f"{name}.weight"
+        if key in done or key not in theirs:
+            continue
+        old, new = theirs[key], ours[key].clone()
+        if old.dim() != new.dim() or any(a > b for a, b in zip(old.shape, new.shape, strict=True)):
+            continue
+        o_dim, i_dim = (1, 0) if isinstance(mod, torch.nn.ConvTranspose2d) else (0, 1)
+        new.narrow(o_dim, old.shape[o_dim], new.shape[o_dim] - old.shape[o_dim]).mul_(0.1)
+        new.narrow(i_dim, old.shape[i_dim], new.shape[i_dim] - old.shape[i_dim]).zero_()
+        bias = ours[f"{name}.bias"].clone()
+        old_bias = theirs[f"{name}.bias"]
+        # (source rows, destination rows) of the output channels kept
+        if mod is last_hs:
+            h_old, h_new = old.shape[o_dim] // 2, new.shape[o_dim] // 2
+            new.zero_()
+            bias[:h_new] = 0.0
+            bias[h_new:] = math.log(getattr(model.config, "scale_min", 0.11))
+            spans = [(slice(0, h_old), slice(0, h_old)), (slice(h_old, 2 * h_old), slice(h_new, h_new + h_old))]
+        else:
+            n = old.shape[o_dim]
+            spans = [(slice(0, n), slice(0, n))]
+        n_in = old.shape[i_dim]
+        for src, dst in spans:
+            if o_dim == 0:
+                new[dst, :n_in] = old[src]
+            else:
+                new[:n_in, dst] = old[:, src]
+            bias[dst] = old_bias[src]
+        out[key], out[f"{name}.bias"] = new, bias
+    for key in ("log_gain", "log_inv_gain"):
+        old, new = theirs[key], ours[key]
+        if key not in done and old.shape[0] == new.shape[0] and old.shape[1] < new.shape[1]:
+            grown = old.mean(dim=1, keepdim=True).repeat(1, new.shape[1])
+            grown[:, : old.shape[1]] = old
+            out[key] = grown
+    return out
 
 
 def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:

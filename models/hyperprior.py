@@ -70,6 +70,7 @@ class HyperCodecConfig(CodecConfig):
     lambdas: tuple[float, ...] = HYPER_LAMBDAS
     default_quality: int = 5  # λ = 0.025, the factorized codec's default
     hyper_channels: int = 128  # channels of h_a/h_s and of the side latent w
+    hyper_mid: int = 0  # channels of h_s's middle layer (0: 3/2 of latent_channels)
     scale_min: float = 0.11  # coding scales: log-spaced scale_min..scale_max
     scale_max: float = 256.0
     scale_levels: int = 64
@@ -78,7 +79,8 @@ class HyperCodecConfig(CodecConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.hyper_channels < 1 or self.scale_levels < 2 or not 0 < self.scale_min < self.scale_max:
+        if (self.hyper_channels < 1 or self.hyper_mid < 0 or self.scale_levels < 2
+                or not 0 < self.scale_min < self.scale_max):
             raise ValueError("bad hyperprior settings")
         if not 0 <= self.frac_bits <= 12 or not 4 <= self.weight_bits <= 16:
             raise ValueError("frac_bits must be 0..12 and weight_bits 4..16")
@@ -189,7 +191,7 @@ class HyperpriorCodec(FactorizedCodec):
     def __init__(self, config: HyperCodecConfig = HyperCodecConfig()) -> None:
         super().__init__(config)
         m, nh, nq = config.latent_channels, config.hyper_channels, config.num_qualities
-        mid = m * 3 // 2
+        mid = config.hyper_mid or m * 3 // 2
         # The factorized density now models the side latent w (one group per quality).
         self.density = FactorizedDensity(nh, groups=nq, filters=config.filters)
         self.h_a = nn.Sequential(
@@ -336,6 +338,10 @@ def register_all(register: Any, entry_cls: Any) -> None:
                 "tiny": {"channels": 8, "latent_channels": 8, "hyper_channels": 8, "filters": (3,),
                          "scale_levels": 16},
                 "small": {"channels": 64, "latent_channels": 96, "hyper_channels": 64},
+                # small with twice the latent channels (the high-rate bottleneck), h_s as small's:
+                # widened from a trained small model by --init-from
+                "wide": {"channels": 64, "latent_channels": 192, "hyper_channels": 64,
+                         "hyper_mid": 144},
                 "base": {"channels": 128, "latent_channels": 192, "hyper_channels": 128},
             },
         )

@@ -276,3 +276,40 @@ def test_frozen_groups_ramp_up_after_the_freeze() -> None:
     assert group_lr(frozen, 1e-3, 110, cfg) == pytest.approx(2e-3)
     no_freeze = CodecTrainConfig(data="d", out="o")
     assert group_lr(frozen, 1e-3, 0, no_freeze) == pytest.approx(2e-3)
+
+
+def test_widening_keeps_what_the_narrow_model_computes(tmp_path: Path) -> None:
+    """``--init-from`` into a model with more latent channels (preset ``wide`` from ``small``):
+    the widened model reconstructs exactly what the narrow one did, and predicts the same means
+    and scales for the old channels, so training starts from the trained model, not below it."""
+    from jobs.train_codec import init_from
+
+    src = tiny_model()
+    src_path = tmp_path / "narrow"
+    checkpoint.save(src_path, NAME, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    m0 = src.config.latent_channels
+    cfg = registry.make_config(NAME, "tiny", latent_channels=2 * m0, hyper_mid=m0 * 3 // 2)
+    torch.manual_seed(1)
+    wide = registry.build(NAME, cfg)
+    copied = init_from(wide, str(src_path))
+    assert {"g_a.6.weight", "g_s.0.weight", "h_a.0.weight", "h_s.4.weight", "log_gain"} <= set(copied)
+    assert any(k.startswith("density.") for k in copied)  # same kind: the side density too
+    src.eval()
+    wide.eval()
+    x = torch.rand(2, 3, 48, 64)
+    with torch.no_grad():
+        for q in (1, src.config.num_qualities):
+            a, b = wide(x, q), src(x, q)
+            torch.testing.assert_close(a["x_hat"], b["x_hat"])
+            torch.testing.assert_close(a["likelihoods"]["z"], b["likelihoods"]["z"])
+            torch.testing.assert_close(a["likelihoods"]["y"][:, :m0], b["likelihoods"]["y"])
+            z = wide.analysis(x) * torch.exp(wide.log_gain[q - 1])[None, :, None, None]
+            assert z[:, m0:].abs().mean() < 0.25 * z[:, :m0].abs().mean()  # new channels start small
+        mean_w, scale_w = wide._params(torch.ones(1, cfg.hyper_channels, 2, 2), (8, 8))
+        mean_s, scale_s = src._params(torch.ones(1, cfg.hyper_channels, 2, 2), (8, 8))
+        torch.testing.assert_close(mean_w[:, :m0], mean_s)
+        torch.testing.assert_close(scale_w[:, :m0], scale_s)
+        assert torch.all(mean_w[:, m0:] == 0)
+    wide.update_tables()
+    img = image(37, 45)
+    assert wide.decompress(wide.compress(img, 2)).shape == img.shape
