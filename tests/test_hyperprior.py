@@ -115,8 +115,13 @@ def test_integer_synthesis_golden_output() -> None:
     out = net(sym).numpy().astype("<i8")
     np.testing.assert_array_equal(out, _ref_integer_synthesis(net, sym))
     assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == GOLDEN_INT_SHA
-    net2 = IntegerSynthesis.from_tensors(net.to_tensors())
+    stored = net.to_tensors()
+    assert stored["hyper_int.0.weight"].dtype == torch.int16  # |w| < 2**15: 2 bytes each
+    net2 = IntegerSynthesis.from_tensors(stored)
     np.testing.assert_array_equal(net2(sym).numpy(), net(sym).numpy())
+    # releases before int16 storage hold int32 weights: they load to the same network
+    old = {k: v.to(torch.int32) if k.endswith("weight") else v for k, v in stored.items()}
+    np.testing.assert_array_equal(IntegerSynthesis.from_tensors(old)(sym).numpy(), net(sym).numpy())
 
 
 GOLDEN_INT_SHA = "53cbbf32244bad20"
