@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,12 +175,14 @@ def init_from(model: FactorizedCodec, ref: str) -> list[str]:
 
 def widen(model: FactorizedCodec, theirs: dict[str, torch.Tensor], done: set[str]) -> dict[str, torch.Tensor]:
     """Tensors of ``model`` grown from smaller ones in ``theirs`` (Net2Net-style, same depth,
-    more channels) so that the widened model computes, and spends, what the old one did: new
-    input channels of a layer get zero weights; new output channels keep a tenth of their fresh
-    initialisation, so the new latent channels carry small random features (they round to 0:
-    nearly free) and the zero weights reading them get gradients at once. The hyper-synthesis'
-    last layer holds (mean, log-scale) halves, each widened in place; new channels start at
-    mean 0 and the smallest coding scale. New gain columns start at each quality's average."""
+    more channels) so that the widened model reconstructs what the old one did: new input
+    channels of a layer get zero weights; new output channels keep their fresh initialisation,
+    so the new latent channels carry random features of the usual size and the zero weights
+    reading them get gradients at once. (Started small — near-zero latents at the smallest
+    coding scale, free — they stayed unused: moving off 0 costs bits before it buys quality.)
+    The hyper-synthesis' last layer holds (mean, log-scale) halves, each widened in place; new
+    channels start at mean 0 and the old channels' average scale. New gain columns start at
+    each quality's average gain; the rate term then turns them down where they don't pay."""
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     last_hs = getattr(model, "h_s", [None])[-1]
@@ -195,7 +196,6 @@ def widen(model: FactorizedCodec, theirs: dict[str, torch.Tensor], done: set[str
         if old.dim() != new.dim() or any(a > b for a, b in zip(old.shape, new.shape, strict=True)):
             continue
         o_dim, i_dim = (1, 0) if isinstance(mod, torch.nn.ConvTranspose2d) else (0, 1)
-        new.narrow(o_dim, old.shape[o_dim], new.shape[o_dim] - old.shape[o_dim]).mul_(0.1)
         new.narrow(i_dim, old.shape[i_dim], new.shape[i_dim] - old.shape[i_dim]).zero_()
         bias = ours[f"{name}.bias"].clone()
         old_bias = theirs[f"{name}.bias"]
@@ -204,7 +204,7 @@ def widen(model: FactorizedCodec, theirs: dict[str, torch.Tensor], done: set[str
             h_old, h_new = old.shape[o_dim] // 2, new.shape[o_dim] // 2
             new.zero_()
             bias[:h_new] = 0.0
-            bias[h_new:] = math.log(getattr(model.config, "scale_min", 0.11))
+            bias[h_new:] = old_bias[h_old:].mean()
             spans = [(slice(0, h_old), slice(0, h_old)), (slice(h_old, 2 * h_old), slice(h_new, h_new + h_old))]
         else:
             n = old.shape[o_dim]

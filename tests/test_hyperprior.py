@@ -309,7 +309,7 @@ def test_widening_keeps_what_the_narrow_model_computes(tmp_path: Path) -> None:
             torch.testing.assert_close(a["likelihoods"]["z"], b["likelihoods"]["z"])
             torch.testing.assert_close(a["likelihoods"]["y"][:, :m0], b["likelihoods"]["y"])
             z = wide.analysis(x) * torch.exp(wide.log_gain[q - 1])[None, :, None, None]
-            assert z[:, m0:].abs().mean() < 0.25 * z[:, :m0].abs().mean()  # new channels start small
+            assert z[:, m0:].abs().mean() > 0.1 * z[:, :m0].abs().mean()  # new channels are used
         mean_w, scale_w = wide._params(torch.ones(1, cfg.hyper_channels, 2, 2), (8, 8))
         mean_s, scale_s = src._params(torch.ones(1, cfg.hyper_channels, 2, 2), (8, 8))
         torch.testing.assert_close(mean_w[:, :m0], mean_s)
