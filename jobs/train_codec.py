@@ -16,6 +16,7 @@ checkpoint carries its integer entropy tables, so any of them can be loaded by `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -64,6 +65,10 @@ class CodecTrainConfig(BaseTrainConfig):
     # hyperprior learns the latents of an --init-from codec before the transforms and gains move
     # (unfrozen at step 0 they are knocked far off by the rates of a random hyper-synthesis).
     freeze_steps: int = 0
+    # With --init-from into a model with more latent channels: the new channels' rate counts
+    # from 0 up to fully over the first N steps, so the synthesis learns to use them before the
+    # rate term can prune them (counted from the start they are switched off within 1k steps).
+    rate_ramp_steps: int = 0
 
 
 def holdout_crops(data: str, crop: int, limit: int = 0) -> list[np.ndarray]:
@@ -101,16 +106,37 @@ def evaluate(model: FactorizedCodec, crops: list[np.ndarray]) -> dict[str, Any]:
 
 
 def rd_loss(
-    model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor, lambdas: torch.Tensor
+    model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor, lambdas: torch.Tensor,
+    y_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean over the batch of λ_q·255²·MSE + bpp; also returns (mse, bpp) per sample."""
+    """Mean over the batch of λ_q·255²·MSE + bpp; also returns (mse, bpp) per sample (bpp
+    in full). ``y_weight`` (M,) weighs each latent channel's bits in the loss."""
     out = model(x, quality)
     n, _, h, w = x.shape
     mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
-    bits = torch.stack([-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"].values()]).sum(0)
-    bpp = bits / (h * w)
-    loss = (lambdas[quality - 1] * 255**2 * mse + bpp).mean()
+    bits = {k: -torch.log2(lik) for k, lik in out["likelihoods"].items()}
+    bpp = sum(b.sum(dim=(1, 2, 3)) for b in bits.values()) / (h * w)
+    rate = bpp
+    if y_weight is not None:
+        rate = bpp - ((1 - y_weight)[None, :, None, None] * bits["y"]).sum(dim=(1, 2, 3)) / (h * w)
+    loss = (lambdas[quality - 1] * 255**2 * mse + rate).mean()
     return loss, mse.detach(), bpp.detach()
+
+
+@functools.lru_cache(maxsize=4)
+def _latent_channels(ref: str) -> int:
+    return int(checkpoint.read_meta(ref)["config"]["latent_channels"])
+
+
+def new_channel_weights(model: FactorizedCodec, cfg: CodecTrainConfig, step: int) -> torch.Tensor | None:
+    """Per-channel rate weights during ``cfg.rate_ramp_steps``: 1 for the channels the
+    ``--init-from`` codec had, step/ramp for those added by widening; None when all count fully."""
+    if not cfg.rate_ramp_steps or not cfg.init_from or step >= cfg.rate_ramp_steps:
+        return None
+    m_src = _latent_channels(cfg.init_from)
+    weight = torch.ones(model.config.latent_channels)
+    weight[m_src:] = step / cfg.rate_ramp_steps
+    return weight
 
 
 def param_groups(model: FactorizedCodec, cfg: CodecTrainConfig) -> list[dict[str, Any]]:
@@ -333,7 +359,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
             g["lr"] = group_lr(g, lr_at(step), step, cfg)
-        loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas)
+        loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas, new_channel_weights(model, cfg, step))
         if not torch.isfinite(loss) and world == 1:  # skip the batch, keep the weights
             bad_steps += 1
             log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, bad_steps)
@@ -438,6 +464,10 @@ def register(train_app: typer.Typer) -> None:
         freeze_steps: Annotated[
             int, typer.Option(help="Train only the entropy models for the first N steps (with --init-from).")
         ] = 0,
+        rate_ramp_steps: Annotated[
+            int, typer.Option(help="With --init-from into more latent channels: ramp the new channels' "
+                              "rate in over the first N steps.")
+        ] = 0,
     ) -> None:
         """Train the variable-rate factorized-prior codec (all quality levels in one model)."""
         cfg = CodecTrainConfig(
@@ -445,7 +475,7 @@ def register(train_app: typer.Typer) -> None:
             crop=crop, seed=seed, threads=threads, resume=str(resume or ""),
             release=str(release or ""), max_minutes=max_minutes, eval_every=eval_every,
             save_every=save_every, limit_images=limit_images, init_from=str(init or ""),
-            warmup=warmup, freeze_steps=freeze_steps,
+            warmup=warmup, freeze_steps=freeze_steps, rate_ramp_steps=rate_ramp_steps,
         )
         result = run(cfg, workers=workers, use_gpu=gpu)
         typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")

@@ -315,6 +315,19 @@ def test_widening_keeps_what_the_narrow_model_computes(tmp_path: Path) -> None:
         torch.testing.assert_close(mean_w[:, :m0], mean_s)
         torch.testing.assert_close(scale_w[:, :m0], scale_s)
         assert torch.all(mean_w[:, m0:] == 0)
+    # the rate ramp: only the new channels' bits are discounted, and only during the ramp
+    from jobs.train_codec import CodecTrainConfig, new_channel_weights, rd_loss
+
+    tc = CodecTrainConfig(data="d", out="o", init_from=str(src_path), rate_ramp_steps=100)
+    weight = new_channel_weights(wide, tc, 25)
+    assert weight is not None and weight[:m0].eq(1).all() and weight[m0:].eq(0.25).all()
+    assert new_channel_weights(wide, tc, 100) is None
+    q, lam = torch.tensor([1, 2]), torch.tensor(cfg.lambdas)
+    torch.manual_seed(3)
+    full, _, bpp_full = rd_loss(wide, x, q, lam)
+    torch.manual_seed(3)
+    ramped, _, bpp_ramped = rd_loss(wide, x, q, lam, weight)
+    assert ramped < full and torch.equal(bpp_ramped, bpp_full)
     wide.update_tables()
     img = image(37, 45)
     assert wide.decompress(wide.compress(img, 2)).shape == img.shape
