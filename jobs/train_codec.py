@@ -115,7 +115,7 @@ def rd_loss(
     n, _, h, w = x.shape
     mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
     bits = {k: -torch.log2(lik) for k, lik in out["likelihoods"].items()}
-    bpp = sum(b.sum(dim=(1, 2, 3)) for b in bits.values()) / (h * w)
+    bpp = torch.stack([b.sum(dim=(1, 2, 3)) for b in bits.values()]).sum(0) / (h * w)
     rate = bpp
     if y_weight is not None:
         rate = bpp - ((1 - y_weight)[None, :, None, None] * bits["y"]).sum(dim=(1, 2, 3)) / (h * w)
