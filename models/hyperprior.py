@@ -159,8 +159,8 @@ class IntegerSynthesis:
         out = {}
         for i, lay in enumerate(self.layers):
             # int16 where the weights fit (weight_bits <= 15): 2 bytes a weight in the checkpoint
-            wide = float(lay.weight.abs().max()) >= 2**15
-            out[f"{prefix}{i}.weight"] = lay.weight.to(torch.int32 if wide else torch.int16)
+            needs_int32 = float(lay.weight.abs().max()) >= 2**15
+            out[f"{prefix}{i}.weight"] = lay.weight.to(torch.int32 if needs_int32 else torch.int16)
             out[f"{prefix}{i}.bias"] = lay.bias.to(torch.int64)
             out[f"{prefix}{i}.meta"] = torch.tensor(
                 [lay.shift, lay.transposed, lay.stride, lay.padding, lay.output_padding, lay.leaky],
