@@ -1,5 +1,6 @@
 """``aejob train codec``: rate–distortion training of the variable-rate codecs (``--model``
-factorized-codec or hyperprior-codec; ``--init-from`` starts one from another's transforms).
+factorized-codec, hyperprior-codec or checkerboard-codec; ``--init-from`` starts one from
+another's transforms).
 
 One run trains every quality level: each batch holds crops at all qualities (stratified: the
 qualities of a batch are a shuffled cycle over 1..N), and each sample's loss is
@@ -42,6 +43,7 @@ from jobs.training import (
 from models import checkpoint, registry
 from models.codec import FactorizedCodec
 from models.data import load_rgb, photo_split
+from models.hyperprior import HyperpriorCodec
 from models.metrics import psnr_uint8
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,17 @@ class CodecTrainConfig(BaseTrainConfig):
     # from 0 up to fully over the first N steps, so the synthesis learns to use them before the
     # rate term can prune them (counted from the start they are switched off within 1k steps).
     rate_ramp_steps: int = 0
+    # Learning-rate factor of a context model (ctx, ep): it starts from scratch beside trained
+    # transforms and hyperprior, which a high learning rate only knocks off their optimum.
+    context_lr_mult: float = 1.0
+    # "rd": rate–distortion training. "post": train only the decoder post-filter of a codec
+    # whose other weights are kept (from --init-from), on what the decoder really sees
+    # (rounded latents), for the mean PSNR over the qualities; rates are unchanged.
+    stage: str = "rd"
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("rd", "post"):
+            raise ValueError(f"stage must be 'rd' or 'post', not {self.stage!r}")
 
 
 def holdout_crops(data: str, crop: int, limit: int = 0) -> list[np.ndarray]:
@@ -103,6 +116,16 @@ def evaluate(model: FactorizedCodec, crops: list[np.ndarray]) -> dict[str, Any]:
                       "psnr": round(float(np.mean(psnrs)), 3)})
     model.train(was_training)
     return {"per_quality": per_q}
+
+
+def post_loss(model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mean over the batch of the post-filtered output's MSE in dB (every quality counts alike
+    in PSNR); also (mse, bpp) per sample, as :func:`rd_loss`."""
+    out = model(x, quality)
+    n, _, h, w = x.shape
+    mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
+    bpp = sum((-torch.log2(lik)).sum(dim=(1, 2, 3)) for lik in out["likelihoods"].values()) / (h * w)
+    return (10 * torch.log10(mse.clamp_min(1e-10))).mean(), mse.detach(), bpp.detach()  # type: ignore[union-attr]
 
 
 def rd_loss(
@@ -148,13 +171,16 @@ def param_groups(model: FactorizedCodec, cfg: CodecTrainConfig) -> list[dict[str
     density = list(model.density.parameters())
     hyper = [p for name in ("h_a", "h_s") if hasattr(model, name)
              for p in getattr(model, name).parameters()]
-    other = {id(p) for p in (*gains, *density, *hyper)}
+    context = [p for name in ("ctx", "ep") if hasattr(model, name)
+               for p in getattr(model, name).parameters()]
+    other = {id(p) for p in (*gains, *density, *hyper, *context)}
     transforms = [p for p in model.parameters() if id(p) not in other]
     groups = [
         {"params": transforms, "lr_mult": 1.0, "freeze": True},
         {"params": hyper, "lr_mult": 1.0, "freeze": False},
         {"params": gains, "lr_mult": cfg.entropy_lr_mult, "freeze": True},
         {"params": density, "lr_mult": cfg.entropy_lr_mult, "freeze": False},
+        {"params": context, "lr_mult": cfg.context_lr_mult, "freeze": False},
     ]
     return [g for g in groups if g["params"]]
 
@@ -179,7 +205,8 @@ def init_from(model: FactorizedCodec, ref: str) -> list[str]:
         raise SystemExit(f"{ref} is not a codec checkpoint")
     theirs = src.model.state_dict()
     ours = model.state_dict()
-    same_kind = type(src.model) is type(model)  # else the densities model different latents
+    # the densities model different latents unless both have a hyperprior (or neither has)
+    same_kind = isinstance(src.model, HyperpriorCodec) == isinstance(model, HyperpriorCodec)
     take = {k: v for k, v in theirs.items()
             if k in ours and v.shape == ours[k].shape and (same_kind or not k.startswith("density."))}
     if tuple(src.config.lambdas) != tuple(model.config.lambdas):
@@ -284,8 +311,17 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
     sampler = PatchSampler(images, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
     qrng = np.random.default_rng((cfg.seed + 17) * 1000 + rank + step)
-    model.train()
-    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
+    post_only = cfg.stage == "post"
+    if post_only:
+        if model.post is None:
+            raise SystemExit("--stage post needs a model with a post-filter (a preset with post_channels)")
+        model.requires_grad_(False)
+        model.post.requires_grad_(True)
+        groups = [{"params": list(model.post.parameters()), "lr_mult": 1.0, "freeze": False}]
+    else:
+        groups = param_groups(model, cfg)
+    model.train(not post_only)  # the post stage sees rounded latents, as the decoder does
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     restored = bool(cfg.resume) and restore_optim(opt, start.optim)
     if restored:
         log.info("optimizer state restored")
@@ -310,7 +346,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             m.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
         m.eval()
         m.update_tables()
-        model.train()
+        model.train(not post_only)
         meta = {
             "kind": "codec",
             "steps": step,
@@ -359,7 +395,10 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         quality = torch.from_numpy(qrng.permutation(np.arange(cfg.batch) % nq) + 1)
         for g in opt.param_groups:
             g["lr"] = group_lr(g, lr_at(step), step, cfg)
-        loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas, new_channel_weights(model, cfg, step))
+        if post_only:
+            loss, mse, bpp = post_loss(ddp_model, x, quality)
+        else:
+            loss, mse, bpp = rd_loss(ddp_model, x, quality, lambdas, new_channel_weights(model, cfg, step))
         if not torch.isfinite(loss) and world == 1:  # skip the batch, keep the weights
             bad_steps += 1
             log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, bad_steps)
@@ -406,7 +445,8 @@ def register(train_app: typer.Typer) -> None:
             Path, typer.Option(help="Run folder for checkpoints and the curve.")
         ] = Path("runs/codec"),
         model: Annotated[
-            str, typer.Option(help="Codec architecture: factorized-codec or hyperprior-codec.")
+            str, typer.Option(help="Codec architecture: factorized-codec, hyperprior-codec or "
+                              "checkerboard-codec.")
         ] = "factorized-codec",
         preset: Annotated[
             str, typer.Option(help="Model size: tiny, small, base.")
@@ -468,6 +508,13 @@ def register(train_app: typer.Typer) -> None:
             int, typer.Option(help="With --init-from into more latent channels: ramp the new channels' "
                               "rate in over the first N steps.")
         ] = 0,
+        context_lr_mult: Annotated[
+            float, typer.Option(help="Learning-rate factor of a checkerboard context model (ctx, ep).")
+        ] = 1.0,
+        stage: Annotated[
+            str, typer.Option(help="rd: rate–distortion training; post: only the decoder post-filter "
+                              "(of a preset with one), the rest kept from --init-from.")
+        ] = "rd",
     ) -> None:
         """Train the variable-rate factorized-prior codec (all quality levels in one model)."""
         cfg = CodecTrainConfig(
@@ -476,6 +523,7 @@ def register(train_app: typer.Typer) -> None:
             release=str(release or ""), max_minutes=max_minutes, eval_every=eval_every,
             save_every=save_every, limit_images=limit_images, init_from=str(init or ""),
             warmup=warmup, freeze_steps=freeze_steps, rate_ramp_steps=rate_ramp_steps,
+            context_lr_mult=context_lr_mult, stage=stage,
         )
         result = run(cfg, workers=workers, use_gpu=gpu)
         typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")

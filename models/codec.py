@@ -64,6 +64,8 @@ class CodecConfig:
     tail_mass: float = 1e-9  # coding tables cover all but this mass; the rest escapes
     max_half_range: int = 1024
     precision: int = DEFAULT_PRECISION  # bits of the integer CDF tables
+    post_channels: int = 0  # decoder post-filter width (0: none; see PostFilter)
+    post_layers: int = 3
 
     @property
     def num_qualities(self) -> int:
@@ -80,6 +82,8 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if self.stages < 1 or self.channels < 1 or self.latent_channels < 1:
             raise ValueError("stages, channels and latent_channels must be positive")
+        if self.post_channels < 0 or self.post_layers < 2:
+            raise ValueError("post_channels must be >= 0 and post_layers >= 2")
         lam = self.lambdas
         if not lam or any(b <= a for a, b in zip(lam, lam[1:], strict=False)):
             raise ValueError(f"lambdas must be non-empty and increasing: {self.lambdas}")
@@ -115,6 +119,36 @@ class GDN(nn.Module):
         c = gamma.shape[0]
         norm = F.conv2d(x * x, gamma.reshape(c, c, 1, 1), beta)
         return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
+
+
+class PostFilter(nn.Module):
+    """Decoder-side enhancement of the synthesis output: a small residual CNN run at half
+    resolution on the pixel-unshuffled image (2x2 blocks as 12 channels: 4x fewer positions
+    for the same receptive field), with per-quality feature scales and shifts after its first
+    layer (the synthesis' errors grow as the rate falls). Its last layer starts at zero: a
+    fresh filter is the identity, so it can be added to a trained codec and trained alone."""
+
+    def __init__(self, channels: int, layers: int, qualities: int) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(12, channels, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(qualities, channels))
+        self.shift = nn.Parameter(torch.zeros(qualities, channels))
+        body: list[nn.Module] = [nn.LeakyReLU(0.125)]
+        for _ in range(layers - 2):
+            body += [nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.125)]
+        self.body = nn.Sequential(*body)
+        self.out = nn.Conv2d(channels, 12, 3, padding=1)
+        for conv in (self.inp, *self.body, self.out):
+            if isinstance(conv, nn.Conv2d):
+                nn.init.normal_(conv.weight, std=(conv.in_channels * 9) ** -0.5)
+                nn.init.zeros_(conv.bias)  # type: ignore[arg-type]
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) with even H, W; q: (N,) quality indices 0..Q-1."""
+        h = self.inp(F.pixel_unshuffle(x - 0.5, 2))
+        h = h * self.scale[q][:, :, None, None] + self.shift[q][:, :, None, None]
+        return x + F.pixel_shuffle(self.out(self.body(h)), 2)
 
 
 def quantize(v: torch.Tensor, offset: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +201,8 @@ class FactorizedCodec(nn.Module):
         self.g_a = nn.Sequential(*enc)
         self.g_s = nn.Sequential(*dec)
         self._init_transforms()
+        self.post = (PostFilter(config.post_channels, config.post_layers, config.num_qualities)
+                     if config.post_channels else None)
         lam = torch.tensor(config.lambdas, dtype=torch.float32)
         # Uniform quantization: distortion ~ step**2 and optimal step**2 ~ 1/λ, so gain ~ sqrt(λ).
         # The untrained g_a outputs values of about 0.1: start with gains that make the top
@@ -219,7 +255,12 @@ class FactorizedCodec(nn.Module):
         z_rate, z_hat = quantize(z, med, self.training)
         lik = self.density.likelihood(z_rate, q)
         y_hat = z_hat * torch.exp(self.log_inv_gain[q])[:, :, None, None]
-        return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": lik}}
+        return {"x_hat": self.synthesis(y_hat, q), "likelihoods": {"y": lik}}
+
+    def synthesis(self, y_hat: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """x_hat = g_s(y_hat), then the post-filter if the model has one (q: quality indices)."""
+        x_hat = self.g_s(y_hat)
+        return x_hat if self.post is None else self.post(x_hat, q)
 
     def analysis(self, x: torch.Tensor) -> torch.Tensor:
         """y = g_a(x - 0.5): centred inputs train markedly faster (the output layer's bias
@@ -339,7 +380,8 @@ class FactorizedCodec(nn.Module):
         y_hat = z_hat * torch.exp(self.log_inv_gain[header.quality - 1])[:, None, None]
         # channels-last input: PyTorch's CPU transposed convolutions run ~2x faster in it
         y_hat = y_hat[None].contiguous(memory_format=torch.channels_last)
-        x_hat = self.g_s(y_hat)[0, :, : header.height, : header.width]
+        q = torch.tensor([header.quality - 1])
+        x_hat = self.synthesis(y_hat, q)[0, :, : header.height, : header.width]
         out = torch.round(x_hat.clamp(0, 1) * 255).to(torch.uint8)
         return out.permute(1, 2, 0).contiguous().numpy()
 
@@ -355,7 +397,8 @@ def macs_per_pixel(model: FactorizedCodec, size: int = 64) -> dict[str, float]:
     """Multiply-adds per image pixel of the encoder and the decoder, counted from the
     convolutions and GDN layers of one forward pass on a ``size``x``size`` input (entropy
     coding not included). The encoder runs g_a (and a hyperprior's h_a and h_s, which it needs
-    to pick the tables); the decoder runs g_s (and h_s)."""
+    to pick the tables, and a context model's ctx and ep); the decoder runs g_s (and h_s, ctx,
+    ep, and the post-filter)."""
     counts: dict[str, float] = {}
     hooks = []
 
@@ -385,9 +428,10 @@ def macs_per_pixel(model: FactorizedCodec, size: int = 64) -> dict[str, float]:
         for h in hooks:
             h.remove()
     per = {k: v / (size * size) for k, v in counts.items()}
+    entropy_model = sum(per.get(k, 0.0) for k in ("h_s", "ctx", "ep"))
     return {
-        "encoder": per.get("g_a", 0.0) + per.get("h_a", 0.0) + per.get("h_s", 0.0),
-        "decoder": per.get("g_s", 0.0) + per.get("h_s", 0.0),
+        "encoder": per.get("g_a", 0.0) + per.get("h_a", 0.0) + entropy_model,
+        "decoder": per.get("g_s", 0.0) + per.get("post", 0.0) + entropy_model,
     }
 
 

@@ -110,10 +110,13 @@ class IntegerSynthesis:
         self.layers = layers
 
     @classmethod
-    def from_float(cls, h_s: nn.Sequential, frac_bits: int, weight_bits: int) -> IntegerSynthesis:
+    def from_float(cls, h_s: nn.Sequential, frac_bits: int, weight_bits: int,
+                   in_frac_bits: int = 0) -> IntegerSynthesis:
+        """``in_frac_bits``: fixed-point fractional bits of the input (0: the integer symbols of
+        w; ``frac_bits`` for a network reading another one's output)."""
         mods = list(h_s)
         layers = []
-        a_in = 0  # the input (symbols of w) is integer: no fractional bits
+        a_in = in_frac_bits
         for i, mod in enumerate(mods):
             if not isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
                 continue
@@ -135,10 +138,10 @@ class IntegerSynthesis:
             a_in = frac_bits
         return cls(layers)
 
-    def __call__(self, symbols: np.ndarray) -> torch.Tensor:
-        """Integer symbols (C, h, w) → float64 tensor of integers (C_out, H, W) in units of
+    def __call__(self, symbols: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Integers (C, h, w) → float64 tensor of integers (C_out, H, W) in units of
         2**-frac_bits."""
-        x = torch.from_numpy(np.asarray(symbols, np.float64))[None]
+        x = torch.as_tensor(np.asarray(symbols, np.float64))[None]
         x = x.clamp(-ACT_LIMIT, ACT_LIMIT)
         for lay in self.layers:
             if lay.transposed:
@@ -220,10 +223,17 @@ class HyperpriorCodec(FactorizedCodec):
         return self.config.hyper_channels
 
     # ---------------------------------------------------------------- training
-    def _params(self, w_sym: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.h_s(w_sym)[:, :, : size[0], : size[1]]
-        mean, log_scale = out.chunk(2, dim=1)
+    def _mean_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log-scale) halves of a (N, 2M, h, w) parameter tensor, log-scale capped."""
+        mean, log_scale = params.chunk(2, dim=1)
         return mean, log_scale.clamp(max=math.log(self.config.scale_max) + 1)
+
+    def _latent(self, z: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(rate input, decoder input, mean, log-scale) of the latent ``z`` given ``h_s``'s
+        output ``params``: here every element is coded with its hyperprior parameters."""
+        mean, log_scale = self._mean_scale(params)
+        z_rate, z_hat = quantize(z, mean, self.training)
+        return z_rate, z_hat, mean, log_scale
 
     def forward(self, x: torch.Tensor, quality: int | torch.Tensor) -> dict[str, Any]:
         """As :meth:`FactorizedCodec.forward`; likelihoods ``y`` (the latent, Gaussian) and
@@ -235,11 +245,11 @@ class HyperpriorCodec(FactorizedCodec):
         w_rate, w_hat = quantize(w, med, self.training)
         lik_w = self.density.likelihood(w_rate, q)
         # h_s reads the integer symbols round(w - median), as the integer network will
-        mean, log_scale = self._params(w_hat - med, (z.shape[-2], z.shape[-1]))
-        z_rate, z_hat = quantize(z, mean, self.training)
+        params = self.h_s(w_hat - med)[:, :, : z.shape[-2], : z.shape[-1]]
+        z_rate, z_hat, mean, log_scale = self._latent(z, params)
         lik_z = gaussian_likelihood(z_rate - mean, torch.exp(log_scale), self.config.scale_min)
         y_hat = z_hat * torch.exp(self.log_inv_gain[q])[:, :, None, None]
-        return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": lik_z, "z": lik_w}}
+        return {"x_hat": self.synthesis(y_hat, q), "likelihoods": {"y": lik_z, "z": lik_w}}
 
     # ---------------------------------------------------------------- coding
     def update_tables(self) -> EntropyTables:
@@ -276,16 +286,38 @@ class HyperpriorCodec(FactorizedCodec):
                 f"Gaussian tables have {self.gauss.rows} rows and {self.thresholds.size} "
                 f"thresholds, expected {c.scale_levels} and {c.scale_levels - 1}")
 
-    def _coding_params(self, w_sym: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
-        """(mean float32 (M, h, w), table index int64 (M, h, w)) from the side symbols, by the
-        integer hyper-synthesis only: identical in encoder and decoder, on any machine."""
+    def _int_params(self, w_sym: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """The integer hyper-synthesis' output (2M, h, w) for the side symbols: float64
+        integers in units of 2**-frac_bits, identical in encoder and decoder on any machine."""
         if self.int_hs is None or self.thresholds is None or self.gauss is None:
             raise RuntimeError("no coding tables: load a codec checkpoint or call update_tables()")
+        return self.int_hs(w_sym)[:, : size[0], : size[1]]
+
+    def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(mean float32 (M, h, w), table index int64 (M, h, w)) from integer parameters: the
+        index is an integer comparison of the fixed-point log-scale with the thresholds."""
+        assert self.thresholds is not None
         m, fb = self.config.latent_channels, self.config.frac_bits
-        out = self.int_hs(w_sym)[:, : size[0], : size[1]]
-        mean = (out[:m] / 2.0**fb).float()  # exact: |out| <= 2**24
-        index = np.searchsorted(self.thresholds, out[m:].numpy().astype(np.int64), side="right")
+        mean = (params[:m] / 2.0**fb).float()  # exact: |params| <= 2**24
+        index = np.searchsorted(self.thresholds, params[m:].numpy().astype(np.int64), side="right")
         return mean, index
+
+    def _coding_params(self, w_sym: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
+        """(mean, table index) of every latent element from the side symbols."""
+        return self._split(self._int_params(w_sym, size))
+
+    def _encode_latent(self, z: torch.Tensor, params: torch.Tensor) -> bytes:
+        """The main stream of the gained latent ``z`` (M, h, w) given the integer parameters."""
+        assert self.gauss is not None
+        mean, index = self._split(params)
+        return encode_rows(to_symbols(z, mean).reshape(-1), index.reshape(-1), self.gauss)
+
+    def _decode_latent(self, data: bytes, params: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Inverse of :meth:`_encode_latent`: the dequantized gained latent (M, h, w)."""
+        assert self.gauss is not None
+        mean, index = self._split(params)
+        sym = decode_rows(data, index.reshape(-1), self.gauss).reshape(shape)
+        return torch.from_numpy(sym).float() + mean
 
     @torch.inference_mode()
     def compress(self, img: np.ndarray, quality: int, sha256: str = "") -> bytes:
@@ -297,36 +329,33 @@ class HyperpriorCodec(FactorizedCodec):
         w_sym = to_symbols(w, torch.from_numpy(rows.medians)[:, None, None])
         side = encode_symbols(w_sym, rows)
         z = z[0]
-        mean, index = self._coding_params(w_sym, (z.shape[1], z.shape[2]))
-        sym = to_symbols(z, mean)
-        assert self.gauss is not None
-        main = encode_rows(sym.reshape(-1), index.reshape(-1), self.gauss)
-        return self._pack(img, quality, sha256, pb, pr, sym.shape, _LEN.pack(len(side)) + side + main)
+        main = self._encode_latent(z, self._int_params(w_sym, (z.shape[1], z.shape[2])))
+        return self._pack(img, quality, sha256, pb, pr, z.shape, _LEN.pack(len(side)) + side + main)
 
     @torch.inference_mode()
     def decompress(self, data: bytes, sha256: str | None = None) -> np.ndarray:
         header, payload = self.parse(data, sha256)
         rows = self._rows(header.quality)
-        if len(payload) < _LEN.size:
-            raise bitstream.BitstreamError("corrupted stream: no side-information length")
-        (n_side,) = _LEN.unpack_from(payload)
-        if _LEN.size + n_side > len(payload):
-            raise bitstream.BitstreamError(
-                f"corrupted stream: side information of {n_side} bytes in a payload of "
-                f"{len(payload)}")
-        side = payload[_LEN.size : _LEN.size + n_side]
-        main = payload[_LEN.size + n_side :]
+        side, main = split_payload(payload, "side information")
         m, h, w = header.latent_shape
         hyper_shape = (self.config.hyper_channels, -(-h // HYPER_FACTOR), -(-w // HYPER_FACTOR))
-        assert self.gauss is not None
         try:
             w_sym = decode_symbols(side, rows, hyper_shape)
-            mean, index = self._coding_params(w_sym, (h, w))
-            sym = decode_rows(main, index.reshape(-1), self.gauss).reshape(m, h, w)
+            z_hat = self._decode_latent(main, self._int_params(w_sym, (h, w)), (m, h, w))
         except EntropyCodingError as e:
             raise bitstream.BitstreamError(f"corrupted stream: {e}") from e
-        z_hat = torch.from_numpy(sym).float() + mean
         return self._synthesize(z_hat, header)
+
+
+def split_payload(payload: bytes, what: str) -> tuple[bytes, bytes]:
+    """(first, rest) of a payload that starts with a 4-byte length of its first part."""
+    if len(payload) < _LEN.size:
+        raise bitstream.BitstreamError(f"corrupted stream: no length of the {what}")
+    (n,) = _LEN.unpack_from(payload)
+    if _LEN.size + n > len(payload):
+        raise bitstream.BitstreamError(
+            f"corrupted stream: {what} of {n} bytes in a payload of {len(payload)}")
+    return payload[_LEN.size : _LEN.size + n], payload[_LEN.size + n :]
 
 
 def register_all(register: Any, entry_cls: Any) -> None:

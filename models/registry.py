@@ -97,8 +97,9 @@ def _load_builtin() -> None:
         )
     )
     try:
-        from models import codec, hyperprior
+        from models import checkerboard, codec, hyperprior
     except ImportError:  # the codec modules are optional until they land
         return
     codec.register_all(register, Entry)
     hyperprior.register_all(register, Entry)
+    checkerboard.register_all(register, Entry)

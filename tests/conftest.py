@@ -176,3 +176,9 @@ def tiny_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_hyper_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny mean-scale hyperprior codec checkpoint."""
     return _tiny_codec_checkpoint("hyperprior-codec", tmp_path_factory.mktemp("hcodec"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkerboard_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny hyperprior codec with a checkerboard context model."""
+    return _tiny_codec_checkpoint("checkerboard-codec", tmp_path_factory.mktemp("ccodec"))

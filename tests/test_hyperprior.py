@@ -310,8 +310,9 @@ def test_widening_keeps_what_the_narrow_model_computes(tmp_path: Path) -> None:
             torch.testing.assert_close(a["likelihoods"]["y"][:, :m0], b["likelihoods"]["y"])
             z = wide.analysis(x) * torch.exp(wide.log_gain[q - 1])[None, :, None, None]
             assert z[:, m0:].abs().mean() > 0.1 * z[:, :m0].abs().mean()  # new channels are used
-        mean_w, scale_w = wide._params(torch.ones(1, cfg.hyper_channels, 2, 2), (8, 8))
-        mean_s, scale_s = src._params(torch.ones(1, cfg.hyper_channels, 2, 2), (8, 8))
+        w_sym = torch.ones(1, cfg.hyper_channels, 2, 2)
+        mean_w, scale_w = wide._mean_scale(wide.h_s(w_sym))
+        mean_s, scale_s = src._mean_scale(src.h_s(w_sym))
         torch.testing.assert_close(mean_w[:, :m0], mean_s)
         torch.testing.assert_close(scale_w[:, :m0], scale_s)
         assert torch.all(mean_w[:, m0:] == 0)
