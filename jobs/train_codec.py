@@ -357,7 +357,9 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "metrics": {"holdout": curve[-1].get("holdout") if curve else None},
             "curve": curve,
         }
-        extra = m.coding_tensors()
+        # a release stores the float weights only: its integer networks are rebuilt from them
+        # exactly on load (half the size of storing both)
+        extra = m.coding_tensors(integer_networks=not release)
         if not release:
             extra.update(optim_tensors(opt))
         target = Path(cfg.release) if release else out / tag

@@ -110,16 +110,19 @@ class CheckerboardCodec(HyperpriorCodec):
         self.int_ep = IntegerSynthesis.from_float(self.ep, c.frac_bits, c.weight_bits, c.frac_bits)
         return tables
 
-    def coding_tensors(self) -> dict[str, torch.Tensor]:
+    def coding_tensors(self, integer_networks: bool = True) -> dict[str, torch.Tensor]:
         if self.int_ctx is None or self.int_ep is None:
             raise RuntimeError("no coding tables: call update_tables() first")
-        return {**super().coding_tensors(), **self.int_ctx.to_tensors("ctx_int."),
-                **self.int_ep.to_tensors("ep_int.")}
+        out = super().coding_tensors(integer_networks)
+        if integer_networks:
+            out.update({**self.int_ctx.to_tensors("ctx_int."), **self.int_ep.to_tensors("ep_int.")})
+        return out
 
     def load_coding_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_coding_tensors(tensors)
-        self.int_ctx = IntegerSynthesis.from_tensors(tensors, "ctx_int.")
-        self.int_ep = IntegerSynthesis.from_tensors(tensors, "ep_int.")
+        fb = self.config.frac_bits
+        self.int_ctx = self._integer_network(tensors, "ctx_int.", self.ctx)
+        self.int_ep = self._integer_network(tensors, "ep_int.", self.ep, fb)
 
     def _int_refine(self, sym: np.ndarray, params: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         """Integer parameters of the second pass from the anchors' symbols (``sym`` may hold

@@ -279,7 +279,7 @@ class FactorizedCodec(nn.Module):
         """Channels coded with the per-quality factorized tables."""
         return self.config.latent_channels
 
-    def coding_tensors(self) -> dict[str, torch.Tensor]:
+    def coding_tensors(self, integer_networks: bool = True) -> dict[str, torch.Tensor]:  # noqa: ARG002
         """What the coder needs besides the weights, to store with a checkpoint."""
         if self.tables is None:
             raise RuntimeError("no entropy tables: call update_tables() first")

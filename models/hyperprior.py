@@ -103,8 +103,22 @@ class IntLayer:
     leaky: bool
 
 
+def _weight_exponent(peak: float, weight_bits: int) -> int:
+    """The largest e with ``peak·2**e <= 2**weight_bits - 1``, in exact arithmetic (frexp, no
+    libm ``log2``), so that integer networks rebuilt from stored float weights are the same on
+    every machine."""
+    if peak <= 0:
+        return 0
+    mant, exp = math.frexp(peak)  # peak = mant·2**exp, 0.5 <= mant < 1
+    return weight_bits - exp if mant <= 1 - 2.0**-weight_bits else weight_bits - 1 - exp
+
+
 class IntegerSynthesis:
-    """``h_s`` in integer arithmetic (see the module docstring for why it is exact)."""
+    """``h_s`` in integer arithmetic (see the module docstring for why it is exact).
+
+    Built from float weights by exact operations only (a power-of-two scale found with frexp,
+    then rounding), so a checkpoint may store either the integer layers or just the float
+    weights they come from: every machine rebuilds the same integers from the same floats."""
 
     def __init__(self, layers: list[IntLayer]) -> None:
         self.layers = layers
@@ -123,8 +137,7 @@ class IntegerSynthesis:
             leaky = i + 1 < len(mods) and isinstance(mods[i + 1], nn.LeakyReLU)
             w = mod.weight.detach().double()
             b = mod.bias.detach().double() if mod.bias is not None else torch.zeros(w.shape[0])
-            peak = float(w.abs().max())
-            e = math.floor(math.log2((2**weight_bits - 1) / peak)) if peak > 0 else 0
+            e = _weight_exponent(float(w.abs().max()), weight_bits)
             w_int = torch.round(w * 2.0**e)
             b_int = torch.round(b * 2.0 ** (a_in + e))
             if float(b_int.abs().max()) >= 2**50:
@@ -263,21 +276,31 @@ class HyperpriorCodec(FactorizedCodec):
         self.thresholds = np.round(mids * 2.0**c.frac_bits).astype(np.int64)
         return self.tables
 
-    def coding_tensors(self) -> dict[str, torch.Tensor]:
+    def coding_tensors(self, integer_networks: bool = True) -> dict[str, torch.Tensor]:
+        """``integer_networks=False`` leaves out the integer hyper-synthesis (releases: it is
+        rebuilt exactly from the stored float weights on load, see IntegerSynthesis)."""
         if self.tables is None or self.gauss is None or self.int_hs is None or self.thresholds is None:
             raise RuntimeError("no coding tables: call update_tables() first")
         return {
             **self.tables.to_tensors("entropy."),
             **self.gauss.to_tensors("gauss."),
-            **self.int_hs.to_tensors("hyper_int."),
+            **(self.int_hs.to_tensors("hyper_int.") if integer_networks else {}),
             "hyper_int.thresholds": torch.from_numpy(self.thresholds.copy()),
         }
+
+    def _integer_network(self, tensors: dict[str, torch.Tensor], prefix: str, net: nn.Sequential,
+                         in_frac_bits: int = 0) -> IntegerSynthesis:
+        """The stored integer copy of ``net``, else one rebuilt from its (loaded) float weights."""
+        if f"{prefix}0.weight" in tensors:
+            return IntegerSynthesis.from_tensors(tensors, prefix)
+        c = self.config
+        return IntegerSynthesis.from_float(net, c.frac_bits, c.weight_bits, in_frac_bits)
 
     def load_coding_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         c = self.config
         super().load_coding_tensors(tensors)
         self.gauss = EntropyTables.from_tensors(tensors, "gauss.")
-        self.int_hs = IntegerSynthesis.from_tensors(tensors, "hyper_int.")
+        self.int_hs = self._integer_network(tensors, "hyper_int.", self.h_s)
         if "hyper_int.thresholds" not in tensors:
             raise EntropyCodingError("no scale thresholds in these tensors")
         self.thresholds = tensors["hyper_int.thresholds"].numpy().astype(np.int64)

@@ -163,18 +163,30 @@ def test_fresh_model_codes_as_its_hyperprior(tmp_path: Path) -> None:
         assert abs(len(a) - len(b)) <= 12  # the anchors' length and one more coder flush
 
 
-def test_engine_round_trip_and_tables_required(ckpt: Path, tmp_path: Path) -> None:
+def test_engine_round_trip_and_integer_networks_rebuilt(ckpt: Path, tmp_path: Path) -> None:
+    """A release stores float weights only: the integer networks rebuilt from them on load are
+    exactly those the full checkpoint stores (same streams, same images)."""
     engine = CodecEngine(str(ckpt), threads=1)
     assert engine.name == NAME
     img = image(40, 56)
     data = engine.compress(img)
     assert engine.decompress(data).shape == img.shape
     model = tiny_model()
-    path = tmp_path / "noctx"
-    tensors = {k: v for k, v in model.coding_tensors().items() if not k.startswith("ep_int.")}
-    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"}, extra_tensors=tensors)
-    with pytest.raises(checkpoint.CheckpointError, match="integer"):
-        CodecEngine(str(path))
+    path = tmp_path / "slim"
+    slim_tensors = model.coding_tensors(integer_networks=False)
+    assert not any(k.startswith(("ctx_int.0", "ep_int.0", "hyper_int.0")) for k in slim_tensors)
+    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"}, extra_tensors=slim_tensors)
+    slim = CodecEngine(str(path))
+    assert slim.model.int_ctx is not None and model.int_ctx is not None
+    for a, b in zip(slim.model.int_ctx.layers, model.int_ctx.layers, strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) and a.shift == b.shift
+    for q in (1, 4):
+        assert bitstream.unpack(slim.compress(img, q))[1] == bitstream.unpack(engine.compress(img, q))[1]
+    np.testing.assert_array_equal(slim.model.decompress(data), engine.decompress(data))
+    no_thresholds = {k: v for k, v in slim_tensors.items() if k != "hyper_int.thresholds"}
+    checkpoint.save(tmp_path / "bad", NAME, model.config, model, {"kind": "codec"}, extra_tensors=no_thresholds)
+    with pytest.raises(checkpoint.CheckpointError, match="thresholds"):
+        CodecEngine(str(tmp_path / "bad"))
     with pytest.raises(bitstream.BitstreamError, match="made by model"):
         tiny_hyper().decompress(data)
 
