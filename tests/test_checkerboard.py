@@ -14,9 +14,14 @@ import torch
 from models import bitstream, checkpoint, registry
 from models.checkerboard import NAME, CheckerboardCodec, anchor_mask
 from models.codec import CodecEngine, macs_per_pixel
-from models.hyperprior import NAME as HYPER
 from models.hyperprior import IntegerSynthesis, IntLayer
-from tests.test_codec import _photo_dir, assert_round_trips, assert_truncations_and_bit_flips_raise, image
+from tests.test_codec import (
+    _photo_dir,
+    assert_round_trips,
+    assert_truncations_and_bit_flips_raise,
+    image,
+    save_codec,
+)
 from tests.test_hyperprior import _ref_integer_synthesis
 from tests.test_hyperprior import tiny_model as tiny_hyper
 
@@ -38,11 +43,7 @@ def tiny_model(seed: int = 0, context: float = 0.3) -> CheckerboardCodec:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = tiny_model()
-    path = tmp_path_factory.mktemp("cck") / "tiny-checkerboard"
-    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},
-                    extra_tensors=model.coding_tensors())
-    return path.with_suffix(".safetensors")
+    return save_codec(tiny_model(), tmp_path_factory.mktemp("cck") / "tiny-checkerboard")
 
 
 def test_anchor_mask() -> None:
@@ -149,7 +150,7 @@ def test_fresh_model_codes_as_its_hyperprior(tmp_path: Path) -> None:
 
     src = tiny_hyper(6)
     src_path = tmp_path / "hyper"
-    checkpoint.save(src_path, HYPER, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    save_codec(src, src_path)
     model = registry.build(NAME, registry.make_config(NAME, "tiny"))
     assert isinstance(model, CheckerboardCodec)
     copied = init_from(model, str(src_path))
@@ -175,8 +176,7 @@ def test_engine_round_trip_and_integer_networks_rebuilt(ckpt: Path, tmp_path: Pa
     path = tmp_path / "slim"
     slim_tensors = model.coding_tensors(integer_networks=False)
     assert not any(k.startswith(("ctx_int.0", "ep_int.0", "hyper_int.0")) for k in slim_tensors)
-    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"}, extra_tensors=slim_tensors)
-    slim = CodecEngine(str(path))
+    slim = CodecEngine(str(save_codec(model, path, slim_tensors)))
     assert slim.model.int_ctx is not None and model.int_ctx is not None
     for a, b in zip(slim.model.int_ctx.layers, model.int_ctx.layers, strict=True):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) and a.shift == b.shift
@@ -184,9 +184,8 @@ def test_engine_round_trip_and_integer_networks_rebuilt(ckpt: Path, tmp_path: Pa
         assert bitstream.unpack(slim.compress(img, q))[1] == bitstream.unpack(engine.compress(img, q))[1]
     np.testing.assert_array_equal(slim.model.decompress(data), engine.decompress(data))
     no_thresholds = {k: v for k, v in slim_tensors.items() if k != "hyper_int.thresholds"}
-    checkpoint.save(tmp_path / "bad", NAME, model.config, model, {"kind": "codec"}, extra_tensors=no_thresholds)
     with pytest.raises(checkpoint.CheckpointError, match="thresholds"):
-        CodecEngine(str(tmp_path / "bad"))
+        CodecEngine(str(save_codec(model, tmp_path / "bad", no_thresholds)))
     with pytest.raises(bitstream.BitstreamError, match="made by model"):
         tiny_hyper().decompress(data)
 
@@ -228,7 +227,7 @@ def test_training_the_context_model_from_a_hyperprior(tmp_path: Path) -> None:
 
     src = tiny_hyper()
     src_path = tmp_path / "hyper"
-    checkpoint.save(src_path, HYPER, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    save_codec(src, src_path)
     data = _photo_dir(tmp_path / "photos")
     cfg = CodecTrainConfig(
         data=str(data), out=str(tmp_path / "run"), model=NAME, preset="tiny", steps=8, lr=2e-3,
@@ -269,7 +268,7 @@ def test_post_stage_trains_only_the_post_filter(tmp_path: Path) -> None:
 
     src = tiny_model(context=0.05)
     src_path = tmp_path / "ctx"
-    checkpoint.save(src_path, NAME, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    save_codec(src, src_path)
     data = _photo_dir(tmp_path / "photos")
     cfg = CodecTrainConfig(
         data=str(data), out=str(tmp_path / "run"), model=NAME, preset="tiny", steps=6, lr=2e-3,

@@ -51,6 +51,13 @@ def test_registry_and_presets() -> None:
         assert cfg.multiple == 16 and cfg.num_qualities >= 4
 
 
+def save_codec(model: FactorizedCodec, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save a codec with its coding tables (or just ``tensors``); returns the .safetensors path."""
+    extra = model.coding_tensors() if tensors is None else tensors
+    checkpoint.save(path, model.stream_name, model.config, model, {"kind": "codec"}, extra_tensors=extra)
+    return path.with_suffix(".safetensors")
+
+
 def assert_round_trips(model: FactorizedCodec, hw: tuple[int, int]) -> None:
     """Deterministic streams and images of the right size at the lowest and highest quality."""
     img = image(*hw)

@@ -22,7 +22,13 @@ from models.entropy import (
     scale_table,
 )
 from models.hyperprior import NAME, HyperpriorCodec, IntegerSynthesis, IntLayer
-from tests.test_codec import _photo_dir, assert_round_trips, assert_truncations_and_bit_flips_raise, image
+from tests.test_codec import (
+    _photo_dir,
+    assert_round_trips,
+    assert_truncations_and_bit_flips_raise,
+    image,
+    save_codec,
+)
 
 torch.set_num_threads(1)
 
@@ -38,11 +44,7 @@ def tiny_model(seed: int = 0) -> HyperpriorCodec:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = tiny_model()
-    path = tmp_path_factory.mktemp("hck") / "tiny-hyper"
-    checkpoint.save(path, NAME, model.config, model, {"kind": "codec"},
-                    extra_tensors=model.coding_tensors())
-    return path.with_suffix(".safetensors")
+    return save_codec(tiny_model(), tmp_path_factory.mktemp("hck") / "tiny-hyper")
 
 
 # ------------------------------------------------------------------ integer hyper-synthesis
@@ -237,12 +239,11 @@ def test_training_from_a_factorized_checkpoint(tmp_path: Path) -> None:
     """``--init-from``: the transforms come from a factorized codec, gains are mapped onto the
     new λ ladder, and the trained hyperprior checkpoint codes real streams."""
     from jobs.train_codec import CodecTrainConfig, init_from, run
-    from models.codec import NAME as FACT
     from tests.test_codec import tiny_model as tiny_factorized
 
     src = tiny_factorized()
     src_path = tmp_path / "fact"
-    checkpoint.save(src_path, FACT, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    save_codec(src, src_path)
     model = tiny_model()
     copied = init_from(model, str(src_path))
     assert any(k.startswith("g_a.") for k in copied) and "log_gain" in copied
@@ -291,7 +292,7 @@ def test_widening_keeps_what_the_narrow_model_computes(tmp_path: Path) -> None:
 
     src = tiny_model()
     src_path = tmp_path / "narrow"
-    checkpoint.save(src_path, NAME, src.config, src, {"kind": "codec"}, extra_tensors=src.coding_tensors())
+    save_codec(src, src_path)
     m0 = src.config.latent_channels
     cfg = registry.make_config(NAME, "tiny", latent_channels=2 * m0, hyper_mid=m0 * 3 // 2)
     torch.manual_seed(1)
