@@ -211,10 +211,12 @@ def bench_codec(
         "checkpoint": {"path": str(engine.path), "sha256": engine.sha256, "name": engine.name},
         "model": {
             "params": param_count(model),
-            # a hyperprior's h_s runs on both sides; h_a only in the encoder
-            "params_decoder": sum(param_count(model, p) for p in ("g_s", "h_s") if hasattr(model, p)),
-            "params_encoder": sum(param_count(model, p) for p in ("g_a", "h_a", "h_s")
-                                  if hasattr(model, p)),
+            # a hyperprior's h_s (and a context model) run on both sides; h_a only in the
+            # encoder, a post-filter only in the decoder
+            "params_decoder": sum(param_count(model, p) for p in ("g_s", "h_s", "ctx", "ep", "post")
+                                  if getattr(model, p, None) is not None),
+            "params_encoder": sum(param_count(model, p) for p in ("g_a", "h_a", "h_s", "ctx", "ep")
+                                  if getattr(model, p, None) is not None),
             "float16_mb": round(param_count(model) * 2 / 2**20, 2),
             "macs_per_pixel": macs,
         },

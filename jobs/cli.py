@@ -199,7 +199,7 @@ def compress(
     src: SrcArg,
     out: DstOpt,
     quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
-    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-wide",
+    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-ctx",
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
     num_actors: Annotated[int, typer.Option(help="Codec actors.")] = 1,
     threads: ThreadsOpt = 0,

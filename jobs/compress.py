@@ -23,7 +23,7 @@ from pipeline.infer import ok_rows, pixels_of
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
-DEFAULT_CODEC = "codec-wide"
+DEFAULT_CODEC = "codec-ctx"  # also the default of `aejob compress --checkpoint` (jobs/cli.py)
 
 
 def compress_schema(embedding_dim: int) -> pa.Schema:

@@ -104,3 +104,11 @@ def test_decompress_finds_the_checkpoint_by_sha256(tiny_codec: str, tmp_path: Pa
     # a recorded path whose file now has another sha256 is not trusted
     assert checkpoint_for({"config": {"checkpoint": tiny_codec}}, {shipped_sha}) == str(shipped)
     assert checkpoint_for({}, set()) == DEFAULT_CODEC
+    import inspect
+
+    from jobs import cli
+
+    assert inspect.signature(cli.compress).parameters["checkpoint"].default == DEFAULT_CODEC
+    # every codec checkpoint ever shipped still ships: archives made with them must decode
+    for name in ("codec-small", "codec-hyper", "codec-wide", DEFAULT_CODEC):
+        assert checkpoint.resolve(name).exists()
