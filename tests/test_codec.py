@@ -123,6 +123,28 @@ def test_engine_needs_tables(tmp_path: Path) -> None:
         CodecEngine(str(path))
 
 
+def assert_forged_payloads_raise_or_decode(engine: CodecEngine, data: bytes, tries: int, lengths: int = 1) -> None:
+    """Forged streams (CRC recomputed) with junk payloads, every other one behind ``lengths``
+    plausible 4-byte part lengths (the side stream's, then a second pass's): each is a clean
+    BitstreamError or an image of the original's size, never a crash."""
+    header, payload = bitstream.unpack(data)
+    rng = np.random.default_rng(0)
+    for k in range(tries):
+        junk = rng.integers(0, 256, max(0, len(payload) + 4 * int(rng.integers(-2, 3)))).astype(np.uint8)
+        at = 0
+        for _ in range(lengths if k % 2 == 0 else 0):
+            if at + 4 > len(junk):
+                break
+            n = int(rng.integers(0, max(1, (len(junk) - at) // 2)))
+            junk[at : at + 4] = np.frombuffer(n.to_bytes(4, "big"), np.uint8)
+            at += 4 + n
+        try:
+            out = engine.decompress(bitstream.pack(header, junk.tobytes()))
+        except bitstream.BitstreamError:
+            continue
+        assert out.shape == (header.height, header.width, 3)
+
+
 def assert_truncations_and_bit_flips_raise(engine: CodecEngine, data: bytes, flip_every: int) -> None:
     """Every 3rd truncation and every ``flip_every``-th single-bit flip is a BitstreamError."""
     for n in range(0, len(data), 3):
