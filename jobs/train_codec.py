@@ -118,14 +118,23 @@ def evaluate(model: FactorizedCodec, crops: list[np.ndarray]) -> dict[str, Any]:
     return {"per_quality": per_q}
 
 
-def post_loss(model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _distortion_and_rate(model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(MSE per sample, bits per element of each likelihood, bpp per sample in full)."""
+    out = model(x, quality)
+    h, w = x.shape[-2:]
+    mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
+    bits = {k: -torch.log2(lik) for k, lik in out["likelihoods"].items()}
+    bpp = torch.stack([b.sum(dim=(1, 2, 3)) for b in bits.values()]).sum(0) / (h * w)
+    return mse, bits, bpp
+
+
+def post_loss(model: torch.nn.Module, x: torch.Tensor, quality: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over the batch of the post-filtered output's MSE in dB (every quality counts alike
     in PSNR); also (mse, bpp) per sample, as :func:`rd_loss`."""
-    out = model(x, quality)
-    n, _, h, w = x.shape
-    mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
-    bpp = sum((-torch.log2(lik)).sum(dim=(1, 2, 3)) for lik in out["likelihoods"].values()) / (h * w)
-    return (10 * torch.log10(mse.clamp_min(1e-10))).mean(), mse.detach(), bpp.detach()  # type: ignore[union-attr]
+    mse, _, bpp = _distortion_and_rate(model, x, quality)
+    return (10 * torch.log10(mse.clamp_min(1e-10))).mean(), mse.detach(), bpp.detach()
 
 
 def rd_loss(
@@ -134,11 +143,8 @@ def rd_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over the batch of λ_q·255²·MSE + bpp; also returns (mse, bpp) per sample (bpp
     in full). ``y_weight`` (M,) weighs each latent channel's bits in the loss."""
-    out = model(x, quality)
-    n, _, h, w = x.shape
-    mse = ((out["x_hat"] - x) ** 2).mean(dim=(1, 2, 3))
-    bits = {k: -torch.log2(lik) for k, lik in out["likelihoods"].items()}
-    bpp = torch.stack([b.sum(dim=(1, 2, 3)) for b in bits.values()]).sum(0) / (h * w)
+    mse, bits, bpp = _distortion_and_rate(model, x, quality)
+    h, w = x.shape[-2:]
     rate = bpp
     if y_weight is not None:
         rate = bpp - ((1 - y_weight)[None, :, None, None] * bits["y"]).sum(dim=(1, 2, 3)) / (h * w)
@@ -451,7 +457,8 @@ def register(train_app: typer.Typer) -> None:
                               "checkerboard-codec.")
         ] = "factorized-codec",
         preset: Annotated[
-            str, typer.Option(help="Model size: tiny, small, base.")
+            str, typer.Option(help="Model size, a preset of --model (e.g. tiny, small, base; wide and "
+                              "wide-post for the hyperprior and checkerboard codecs).")
         ] = "base",
         steps: Annotated[
             int, typer.Option(help="Total optimizer steps (cosine schedule length).")

@@ -325,10 +325,6 @@ class HyperpriorCodec(FactorizedCodec):
         index = np.searchsorted(self.thresholds, params[m:].numpy().astype(np.int64), side="right")
         return mean, index
 
-    def _coding_params(self, w_sym: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
-        """(mean, table index) of every latent element from the side symbols."""
-        return self._split(self._int_params(w_sym, size))
-
     def _encode_latent(self, z: torch.Tensor, params: torch.Tensor) -> bytes:
         """The main stream of the gained latent ``z`` (M, h, w) given the integer parameters."""
         assert self.gauss is not None

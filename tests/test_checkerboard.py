@@ -4,16 +4,19 @@ initialised from, streams round-trip at odd sizes and bad streams raise."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.train_codec import CodecTrainConfig, run
 from models import bitstream, checkpoint, registry
 from models.checkerboard import NAME, CheckerboardCodec, anchor_mask
-from models.codec import CodecEngine, macs_per_pixel
+from models.codec import CodecEngine, FactorizedCodec, macs_per_pixel
 from models.hyperprior import IntegerSynthesis, IntLayer
 from tests.test_codec import (
     _photo_dir,
@@ -208,21 +211,23 @@ def test_macs_include_the_context_model_on_both_sides() -> None:
     assert macs["decoder"] == pytest.approx(hyper["decoder"] + extra)
 
 
+def tiny_run(tmp_path: Path, src: FactorizedCodec, steps: int, **kw: Any) -> CodecTrainConfig:
+    """A short tiny checkerboard training run in ``tmp_path``, initialised from ``src``."""
+    src_path = tmp_path / "src"
+    save_codec(src, src_path)
+    return CodecTrainConfig(
+        data=str(_photo_dir(tmp_path / "photos")), out=str(tmp_path / "run"), model=NAME,
+        preset="tiny", steps=steps, lr=2e-3, warmup=1, batch=7, crop=64, threads=1,
+        eval_every=steps, save_every=steps, eval_crop=64, init_from=str(src_path),
+        release=str(tmp_path / "release"), **kw,
+    )
+
+
 def test_training_the_context_model_from_a_hyperprior(tmp_path: Path) -> None:
     """``aejob train codec --model checkerboard-codec --init-from HYPER --freeze-steps``: only
     the entropy models learn, the context correction moves off zero, the release codes."""
-    from jobs.train_codec import CodecTrainConfig, run
-
     src = tiny_hyper()
-    src_path = tmp_path / "hyper"
-    save_codec(src, src_path)
-    data = _photo_dir(tmp_path / "photos")
-    cfg = CodecTrainConfig(
-        data=str(data), out=str(tmp_path / "run"), model=NAME, preset="tiny", steps=8, lr=2e-3,
-        warmup=2, batch=7, crop=64, threads=1, eval_every=8, save_every=8, eval_crop=64,
-        init_from=str(src_path), release=str(tmp_path / "release"), freeze_steps=8,
-    )
-    result = run(cfg, workers=0)
+    result = run(tiny_run(tmp_path, src, 8, freeze_steps=8), workers=0)
     assert all(p["bpp"] > 0 for p in result["curve"][-1]["holdout"])
     trained = checkpoint.load(tmp_path / "run" / "last").model
     assert isinstance(trained, CheckerboardCodec)
@@ -252,22 +257,13 @@ def test_fresh_post_filter_is_the_identity_and_counts_on_the_decoder() -> None:
 def test_post_stage_trains_only_the_post_filter(tmp_path: Path) -> None:
     """``aejob train codec --stage post --init-from CODEC``: the codec's weights, hence its
     streams, stay as they were; the filter learns, and the release decodes through it."""
-    from jobs.train_codec import CodecTrainConfig, run
-
     src = tiny_model(context=0.05)
-    src_path = tmp_path / "ctx"
-    save_codec(src, src_path)
-    data = _photo_dir(tmp_path / "photos")
-    cfg = CodecTrainConfig(
-        data=str(data), out=str(tmp_path / "run"), model=NAME, preset="tiny", steps=6, lr=2e-3,
-        warmup=1, batch=7, crop=64, threads=1, eval_every=6, save_every=6, eval_crop=64,
-        init_from=str(src_path), release=str(tmp_path / "release"), stage="post",
-    )
+    cfg = tiny_run(tmp_path, src, 6, stage="post")
     with pytest.raises(SystemExit, match="post-filter"):
         run(cfg, workers=0)
     registry.get(NAME).presets["tiny-post"] = {**registry.get(NAME).presets["tiny"], "post_channels": 8}
     try:
-        run(dataclasses_replace(cfg, preset="tiny-post"), workers=0)
+        run(dataclasses.replace(cfg, preset="tiny-post"), workers=0)
     finally:
         del registry.get(NAME).presets["tiny-post"]
     trained = checkpoint.load(tmp_path / "run" / "last").model
@@ -284,8 +280,3 @@ def test_post_stage_trains_only_the_post_filter(tmp_path: Path) -> None:
     engine = CodecEngine(str(tmp_path / "release"))
     assert engine.decompress(engine.compress(img, 3)).shape == img.shape
 
-
-def dataclasses_replace(cfg: object, **changes: object) -> object:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
