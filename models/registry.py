@@ -96,6 +96,9 @@ def _load_builtin() -> None:
             },
         )
     )
+    from models import embedder
+
+    embedder.register_all(register, Entry)
     try:
         from models import checkerboard, codec, hyperprior
     except ImportError:  # the codec modules are optional until they land

@@ -1,0 +1,313 @@
+"""Index / search / dedup / groups over DSTs written directly as Parquet (tiny embedder)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import index as vindex
+from pipeline import storage
+from tests.conftest import encode
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+
+    from models import checkpoint, registry
+    from models.embedder import prepare
+
+    torch.manual_seed(0)
+    cfg = registry.make_config("copy-embedder", "tiny")
+    model = registry.build("copy-embedder", cfg).eval()
+    # A random CNN maps every image to nearly one direction (positive pooled features); centring
+    # the projection on sample pictures spreads them so that neighbours are meaningful.
+    x = torch.stack([torch.from_numpy(np.array(prepare(photo(1000 + i, 40, 40), cfg.input_size, cfg.max_aspect)))
+                     for i in range(64)]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        f = model.features((x - 0.5) / 0.25)
+        p = model.gem_p
+        g = f.clamp_min(1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        model.proj.bias -= model.proj(g).mean(0)
+    path = tmp_path_factory.mktemp("emb") / "tiny-embedder.safetensors"
+    checkpoint.save(path, "copy-embedder", cfg, model, {"kind": "embedder", "steps": 0, "dedup_threshold": 0.99})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_embedder: str):  # type: ignore[no-untyped-def]
+    from models.embedder import EmbedderEngine
+
+    return EmbedderEngine(tiny_embedder, threads=1, device="cpu")
+
+
+def photo(seed: int, w: int = 48, h: int = 40) -> np.ndarray:
+    """Distinct random blobs: every seed gives a clearly different picture."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def rows_for(engine, items: list[tuple[str, np.ndarray | None]], model: str | None = None,  # type: ignore[no-untyped-def]
+             sizes: dict[str, tuple[int, int]] | None = None) -> pa.Table:
+    """DST rows in the layout aejob writes (error rows where the image is None)."""
+    ok = [img for _, img in items if img is not None]
+    vecs = iter(engine.embed(ok)) if ok else iter([])
+    emb, status, image, sha, w, h = [], [], [], [], [], []
+    for key, img in items:
+        if img is None:
+            emb.append(None)
+            status.append("error")
+            image.append(None)
+            sha.append("bad")
+            w.append(None)
+            h.append(None)
+        else:
+            emb.append(next(vecs).tolist())
+            status.append("ok")
+            image.append(encode(img))
+            sha.append(str(int(img.astype(np.int64).sum())) + key)
+            ww, hh = (sizes or {}).get(key, (img.shape[1], img.shape[0]))
+            w.append(ww)
+            h.append(hh)
+    return pa.table({
+        "key": pa.array([k for k, _ in items], pa.string()),
+        "status": pa.array(status, pa.string()),
+        "width": pa.array(w, pa.int32()), "height": pa.array(h, pa.int32()),
+        "image": pa.array(image, pa.large_binary()),
+        "embedding": pa.array(emb, pa.list_(pa.float32(), engine.dim)),
+        "embedding_model": pa.array([model or engine.model_id] * len(items), pa.string()),
+        "source_sha256": pa.array(sha, pa.string()),
+    })
+
+
+def write_part(dst: str, name: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join(dst, name), buf.getvalue())
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    from jobs.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_exact_topk_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(500, 8)).astype(np.float32)
+    q = rng.normal(size=(7, 8)).astype(np.float32)
+    got = vindex.exact_topk(base, q, 5, block=64)
+    want = np.argsort(-(q @ base.T), axis=1)[:, :5]
+    assert [[i for i, _ in row] for row in got] == want.tolist()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_image_finds_itself_first(tmp_path: Path, engine, tiny_embedder: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    items = [(f"img{i:02d}.png", photo(i)) for i in range(20)] + [("broken.jpg", None)]
+    write_part(dst, "part-0.parquet", rows_for(engine, items))
+    s = vindex.build(dst, kind=kind)
+    assert (s["kind"], s["count"], s["added"], s["skipped_error_rows"]) == (kind, 20, 20, 1)
+    queries = []
+    for i in (3, 11, 17):
+        p = tmp_path / f"q{i}.png"
+        p.write_bytes(encode(photo(i)))
+        queries.append(str(p))
+    code, out, _ = cli("search", dst, *queries, "-k", "3", "--json", "--checkpoint", tiny_embedder)
+    assert code == 0, out
+    res = json.loads(out)
+    assert [r["query"] for r in res] == queries
+    for r, i in zip(res, (3, 11, 17)):
+        assert r["results"][0]["key"] == f"img{i:02d}.png"
+        assert r["results"][0]["score"] > 0.999
+        assert len(r["results"]) == 3
+        scores = [h["score"] for h in r["results"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_json_shape_with_undecodable_query(tmp_path: Path, engine, tiny_embedder: str) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "a.parquet", rows_for(engine, [(f"k{i}", photo(i)) for i in range(5)]))
+    vindex.build(dst)
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(photo(2)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    missing = str(tmp_path / "missing.png")
+    code, out, err = cli("search", dst, str(bad), str(good), missing, "-k", "2", "--json",
+                         "--checkpoint", tiny_embedder)
+    assert code == 0, err
+    res = json.loads(out)  # stdout holds only the JSON
+    assert [r["query"] for r in res] == [str(bad), str(good), missing]
+    assert res[0]["results"] == [] and res[0]["error"]
+    assert res[2]["results"] == [] and res[2]["error"]
+    assert "error" not in res[1]
+    assert set(res[1]) == {"query", "results"}
+    assert all(set(h) == {"key", "score"} for h in res[1]["results"])
+    assert res[1]["results"][0]["key"] == "k2"
+    code, out, _ = cli("search", dst, str(good), "-k", "2", "--checkpoint", tiny_embedder)
+    assert code == 0 and "k2" in out  # the table
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_incremental_add_replace_delete(tmp_path: Path, engine, tiny_embedder: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "p0.parquet", rows_for(engine, [(f"a{i}", photo(i)) for i in range(6)]))
+    write_part(dst, "p1.parquet", rows_for(engine, [(f"b{i}", photo(10 + i)) for i in range(4)]))
+    first = vindex.build(dst, kind=kind)
+    assert first["count"] == 10
+    ids_before = dict(zip(vindex.load(dst).keys, vindex.load(dst).ids.tolist()))
+    # second run: a3 changed (new content), b* deleted, c0/c1 new, a5 became an error row
+    changed = [(f"a{i}", photo(i)) for i in range(5)]
+    changed[3] = ("a3", photo(99))
+    write_part(dst, "p0.parquet", rows_for(engine, changed + [("a5", None)]))
+    storage.delete(storage.join(dst, "p1.parquet"))
+    write_part(dst, "p2.parquet", rows_for(engine, [("c0", photo(50)), ("c1", photo(51))]))
+    second = vindex.build(dst, kind=kind)
+    assert (second["added"], second["replaced"], second["removed"]) == (2, 1, 5)
+    idx = vindex.load(dst)
+    assert sorted(idx.keys) == ["a0", "a1", "a2", "a3", "a4", "c0", "c1"]
+    ids_after = dict(zip(idx.keys, idx.ids.tolist()))
+    assert ids_after["a0"] == ids_before["a0"]  # unchanged rows keep their id
+    assert ids_after["a3"] != ids_before["a3"]  # a replaced row gets a new one
+    assert len(set(ids_after.values())) == len(ids_after)
+    top = idx.search(engine.embed([photo(99), photo(51), photo(0)]), 1)
+    assert [idx.keys[h[0][0]] for h in top] == ["a3", "c1", "a0"]
+    old_files = {f.path.rsplit("/", 1)[-1] for f in storage.list_files(storage.join(dst, "_index"))}
+    assert old_files == {"meta.json", idx.meta["ids_file"]} | ({idx.meta["hnsw_file"]} if kind == "hnsw" else set())
+    third = vindex.build(dst, kind=kind)  # nothing changed
+    assert (third["added"], third["replaced"], third["removed"], third["count"]) == (0, 0, 0, 7)
+
+
+def test_auto_kind_switches_to_hnsw(tmp_path: Path, engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "p.parquet", rows_for(engine, [(f"k{i}", photo(i)) for i in range(8)]))
+    monkeypatch.setattr(vindex, "AUTO_HNSW_MIN", 10)
+    assert vindex.build(dst)["kind"] == "flat"
+    write_part(dst, "q.parquet", rows_for(engine, [(f"m{i}", photo(30 + i)) for i in range(4)]))
+    s = vindex.build(dst)
+    assert (s["kind"], s["count"]) == ("hnsw", 12)
+    idx = vindex.load(dst)
+    assert idx.keys[idx.search(engine.embed([photo(31)]), 1)[0][0][0]] == "m1"
+
+
+def test_refuses_mixed_models(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "p.parquet", rows_for(engine, [("a", photo(1))]))
+    write_part(dst, "q.parquet", rows_for(engine, [("b", photo(2))], model="other-embedder:0123456789ab"))
+    with pytest.raises(vindex.SearchIndexError, match="never mixes"):
+        vindex.build(dst)
+    code, _, err = cli("index", dst)
+    assert code == 2 and "never mixes" in err
+    # an index of one model, then DST moves to another: refused, --rebuild starts over
+    storage.delete(storage.join(dst, "q.parquet"))
+    vindex.build(dst)
+    write_part(dst, "p.parquet", rows_for(engine, [("a", photo(1))], model="other-embedder:0123456789ab"))
+    with pytest.raises(vindex.SearchIndexError, match="never mixes models"):
+        vindex.build(dst)
+    assert vindex.build(dst, rebuild=True)["embedding_model"] == "other-embedder:0123456789ab"
+
+
+def test_search_refuses_non_embedder_index(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    model = "resunet-denoiser:bottleneck-avg@256:0123456789ab"
+    write_part(dst, "p.parquet", rows_for(engine, [("a", photo(1))], model=model))
+    vindex.build(dst)
+    q = tmp_path / "q.png"
+    q.write_bytes(encode(photo(1)))
+    code, out, err = cli("search", dst, str(q), "--json")
+    assert code == 2 and out == ""
+    assert "not by an embedder checkpoint" in err and "denoiser" in err
+
+
+def test_search_refuses_wrong_checkpoint(tmp_path: Path, engine, tiny_embedder: str) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "p.parquet", rows_for(engine, [("a", photo(1))], model="copy-embedder:ffffffffffff"))
+    vindex.build(dst)
+    q = tmp_path / "q.png"
+    q.write_bytes(encode(photo(1)))
+    code, _, err = cli("search", dst, str(q), "--checkpoint", tiny_embedder)
+    assert code == 2 and "is not the index's model" in err
+
+
+@pytest.mark.s3
+def test_index_round_trip_through_s3(s3_server, engine, tiny_embedder: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    storage.s3_client().create_bucket(Bucket="search-bucket")
+    dst = "s3://search-bucket/clean"
+    write_part(dst, "part-0.parquet", rows_for(engine, [(f"s{i}", photo(i)) for i in range(8)] + [("e", None)]))
+    s = vindex.build(dst, kind="hnsw")
+    assert (s["count"], s["skipped_error_rows"]) == (8, 1)
+    names = {f.path.rsplit("/", 1)[-1] for f in storage.list_files(storage.join(dst, "_index"))}
+    assert names == {"meta.json", "ids-000001.parquet", "hnsw-000001.usearch"}
+    write_part(dst, "part-1.parquet", rows_for(engine, [("t0", photo(40))]))
+    assert vindex.build(dst, kind="hnsw")["added"] == 1
+    q = tmp_path / "q.png"
+    q.write_bytes(encode(photo(5)))
+    code, out, err = cli("search", dst, str(q), "-k", "2", "--json", "--checkpoint", tiny_embedder)
+    assert code == 0, err
+    assert json.loads(out)[0]["results"][0]["key"] == "s5"
+    code, out, err = cli("dedup", dst, "--threshold", "0.9999")
+    assert code == 0, err
+    assert storage.exists(storage.join(dst, "_dedup", "groups.parquet"))
+
+
+def test_dedup_groups_and_keep(tmp_path: Path, engine, tiny_embedder: str) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    a = photo(7)
+    items = [("a-small.png", a), ("a-big.png", a.copy()), ("other1", photo(1)), ("other2", photo(2))]
+    write_part(dst, "p.parquet", rows_for(engine, items, sizes={"a-big.png": (960, 800)}))
+    # the checkpoint's calibrated threshold is used by default: found through --checkpoint
+    code, out, err = cli("dedup", dst, "--checkpoint", tiny_embedder)
+    assert code == 0, err
+    t = pq.read_table(str(tmp_path / "dst" / "_dedup" / "groups.parquet"))
+    assert {"group", "key", "score", "keep"} <= set(t.column_names)
+    assert t.schema.field("keep").type == pa.bool_()
+    rows = t.to_pylist()
+    groups = {r["group"] for r in rows}
+    assert {r["key"] for r in rows} == {"a-small.png", "a-big.png"}  # the distinct pictures stay out
+    pair = [r for r in rows if r["key"] in ("a-small.png", "a-big.png")]
+    assert len(pair) == 2 and pair[0]["group"] == pair[1]["group"]
+    assert [r["key"] for r in pair if r["keep"]] == ["a-big.png"]  # the larger one is kept
+    for g in groups:
+        assert sum(r["keep"] for r in rows if r["group"] == g) == 1
+    summary = json.loads((tmp_path / "dst" / "_dedup" / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(0.99)
+    # a threshold nothing reaches: no groups, still a valid (empty) table
+    code, _, err = cli("dedup", dst, "--threshold", "1.5")
+    assert code == 0, err
+    assert pq.read_table(str(tmp_path / "dst" / "_dedup" / "groups.parquet")).num_rows == 0
+
+
+def test_groups_kmeans(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "p.parquet", rows_for(engine, [(f"k{i}", photo(i)) for i in range(12)]))
+    code, out, err = cli("groups", dst, "-k", "3")
+    assert code == 0, err
+    t = pq.read_table(str(tmp_path / "dst" / "_groups" / "groups.parquet"))
+    assert t.column_names == ["key", "group", "score"]
+    assert sorted(t.column("key").to_pylist()) == sorted(f"k{i}" for i in range(12))
+    assert set(t.column("group").to_pylist()) <= {0, 1, 2}
+    summary = json.loads((tmp_path / "dst" / "_groups" / "summary.json").read_text())
+    assert sum(g["size"] for g in summary["groups"]) == 12
+
+
+def test_kmeans_separates_clusters() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16, dtype=np.float32)
+    x = np.concatenate([c + 0.05 * rng.normal(size=(30, 16)) for c in centres]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assign, _ = vindex.kmeans(x, 4)
+    for j in range(4):
+        assert len(set(assign[j * 30 : (j + 1) * 30].tolist())) == 1
+    assert len(set(assign.tolist())) == 4
