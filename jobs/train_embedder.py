@@ -75,7 +75,7 @@ class EmbedderTrainConfig(BaseTrainConfig):
 def _rotate(im: Image.Image, angle: float, inner: bool) -> Image.Image:
     """Rotate about the centre; ``inner`` crops the largest centred rectangle of the same aspect
     holding no fill, otherwise the corners are black (both are common for copies)."""
-    out = im.rotate(angle, resample=Image.BILINEAR, expand=False, fillcolor=(0, 0, 0))
+    out = im.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=(0, 0, 0))
     if not inner:
         return out
     w, h = im.size
@@ -113,11 +113,11 @@ def copy_view(base: Image.Image, rng: np.random.Generator, size: int) -> np.ndar
     if rng.random() < 0.5:
         im = _rotate(im, float(rng.uniform(-15, 15)), inner=bool(rng.random() < 0.5))
     if rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.3:  # resized copies: detail lost at 0.3–1.0 of the size
         s = rng.uniform(0.3, 1.0)
-        im = im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.BILINEAR)
-    im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+        im = im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.Resampling.BILINEAR)
+    im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     if rng.random() < 0.8:
         im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.65, 1.35))
         im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.7, 1.3))
@@ -157,7 +157,7 @@ class PairSampler:
             box = random_crop_box(w, h, rng, (0.08, 0.3), (0.6, 1.6))
         im = photo.crop(box)
         s = self.cfg.base / min(im.size)
-        return im.resize((max(8, round(im.width * s)), max(8, round(im.height * s))), Image.BILINEAR), box
+        return im.resize((max(8, round(im.width * s)), max(8, round(im.height * s))), Image.Resampling.BILINEAR), box
 
     def _pair(self, photo_idx: int, seed: int, avoid: Box | None) -> tuple[np.ndarray, np.ndarray, Box]:
         rng = np.random.default_rng(seed)
@@ -170,7 +170,7 @@ class PairSampler:
         chosen = self.rng.choice(len(self.photos), size=n_main, replace=False)
         seeds = self.rng.integers(0, 2**63 - 1, size=n_main + n_hard)
         main = list(self.pool.map(lambda t: self._pair(int(t[0]), int(t[1]), None), zip(chosen, seeds[:n_main])))
-        again = self.rng.choice(n_main, size=n_hard, replace=False) if n_hard else []
+        again: list[int] = self.rng.choice(n_main, size=n_hard, replace=False).tolist() if n_hard else []
         hard = list(self.pool.map(lambda t: self._pair(int(chosen[t[0]]), int(t[1]), main[t[0]][2]),
                                   zip(again, seeds[n_main:])))
         pairs = main + hard
@@ -198,7 +198,7 @@ def load_photos(files: list[Path], side: int) -> list[Image.Image]:
         im = Image.fromarray(load_rgb(p))
         s = side / max(im.size)
         if s < 1:
-            im = im.resize((round(im.width * s), round(im.height * s)), Image.BILINEAR, reducing_gap=None)
+            im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BILINEAR, reducing_gap=None)
         out.append(im)
     return out
 

@@ -109,7 +109,7 @@ def prepare(img: np.ndarray, size: int, max_aspect: float) -> np.ndarray:
     nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
     if (nh, nw) == (h, w):
         return np.ascontiguousarray(img[:, :, :3])
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, :3])).resize((nw, nh), Image.BILINEAR,
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, :3])).resize((nw, nh), Image.Resampling.BILINEAR,
                                                                                    reducing_gap=None))
 
 

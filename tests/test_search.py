@@ -54,7 +54,7 @@ def photo(seed: int, w: int = 48, h: int = 40) -> np.ndarray:
     small = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
     from PIL import Image
 
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def rows_for(engine, items: list[tuple[str, np.ndarray | None]], model: str | None = None,  # type: ignore[no-untyped-def]
