@@ -1,9 +1,18 @@
 """Submit an ``aejob`` command to a running Ray cluster as a Ray Job.
 
-The job runs ``python -m jobs.cli <command...>`` on the cluster through the Ray Jobs API
-(``ray.job_submission.JobSubmissionClient``). ``python -m`` rather than the ``aejob``
-console script, so the job also works when the package is only uploaded as a
-``working_dir`` and not installed in the cluster's image.
+The job runs ``aejob <command...>`` on the cluster through the Ray Jobs API
+(``ray.job_submission.JobSubmissionClient``), with **the Python that runs Ray there**. A Ray
+Job's entrypoint is a shell command run with the raylet's environment, where ``python`` is
+whatever comes first on that PATH (often none, or a system Python without aejob: a head
+started as ``.venv/bin/ray start --head`` from a shell without the venv activated). So the
+entrypoint first resolves the interpreter (:data:`CLUSTER_PYTHON_SH`): ``$AEJOB_PYTHON`` when
+set (``--env AEJOB_PYTHON=/path/to/python``), else the prefix of the ``ray/_raylet.so`` that
+the job supervisor (the entrypoint shell's parent, a Ray worker) has loaded, read from
+``/proc/$PPID/maps`` (a venv or conda env resolves to its own ``bin/python3``), else that
+process's interpreter binary, else ``python3``/``python`` on PATH. It then imports aejob with a
+small bootstrap rather than the ``aejob`` console script, so a ``--working-dir`` upload works
+where aejob is not installed; when the import fails the job exits 1 with a message that names
+the interpreter, the missing module and ``--working-dir``.
 
 Ray Jobs run exactly once: Ray never retries a failed job. Retries belong to the submitter
 (KubeRay ``RayJob.spec.backoffLimit``, a CI retry, a cron rerun). ``aejob clean`` resumes
@@ -116,21 +125,69 @@ class SubmitOptions:
     log_tail_lines: int = 50
     stream_logs: bool = True
     # Internal hook (tests, smoke checks): submit this shell command verbatim instead of
-    # ``python -m jobs.cli <entrypoint_args>``.
+    # ``build_entrypoint(entrypoint_args)`` (see :func:`cluster_python_command`).
     raw_entrypoint: str | None = None
 
 
 # --------------------------------------------------------------------------- helpers
 
 
+# POSIX sh that sets $py to the Python running Ray on the node where the entrypoint runs.
+# The entrypoint shell's parent ($PPID) is the job supervisor, a Ray worker of that Python;
+# setproctitle hides its argv[0], but its memory map names the site-packages of the Ray it
+# loaded, and <prefix>/lib/pythonX.Y/site-packages -> <prefix>/bin/python3 (venv, conda, the
+# rayproject images). /proc/$PPID/exe is the base interpreter: right for a system or conda
+# Python, not for a venv, so it comes second. Without /proc (macOS): python3 on PATH.
+CLUSTER_PYTHON_SH = (
+    'py="${AEJOB_PYTHON:-}"; '
+    'if [ -z "$py" ]; then '
+    "so=$(grep -m1 -o '/.*/[a-z]*-packages/ray/_raylet[^/ ]*\\.so' /proc/$PPID/maps 2>/dev/null); "
+    'pre="${so%/lib/python*/*-packages/ray/_raylet*}"; '
+    'for c in "$pre/bin/python3" "$pre/bin/python"; do '
+    'if [ -n "$so" ] && [ -x "$c" ]; then py="$c"; break; fi; done; fi; '
+    'if [ -z "$py" ]; then py=$(readlink /proc/$PPID/exe 2>/dev/null) || py=""; '
+    'case "$py" in */python*) ;; *) py="";; esac; fi; '
+    'if [ -z "$py" ]; then py=$(command -v python3 || command -v python) || py=python3; fi;'
+)
+
+# Runs ``aejob`` from sys.argv[1:] with the resolved Python; a failed import says why and how
+# to fix it instead of a bare ModuleNotFoundError traceback.
+_BOOTSTRAP = """\
+import sys
+try:
+    from jobs.cli import main
+except ModuleNotFoundError as e:
+    sys.exit(f"aejob is not importable with {sys.executable}, the Python that runs Ray on this node "
+             f"(No module named {e.name!r}). Install aejob there (e.g. in the cluster image), or submit "
+             "with --working-dir <aejob checkout> to upload it with the job (missing dependencies: --pip).")
+sys.argv[0] = "aejob"
+main()
+"""
+
+
+def cluster_python_command(argv: Sequence[str]) -> str:
+    """A shell command that runs ``<the cluster's Python> argv...`` (see :data:`CLUSTER_PYTHON_SH`)."""
+    return f'{CLUSTER_PYTHON_SH} exec "$py" {shlex.join([str(a) for a in argv])}'
+
+
 def build_entrypoint(args: Sequence[str]) -> str:
-    """Shell-quoted ``python -m jobs.cli <args...>`` (the job's entrypoint runs in a shell)."""
+    """The job's shell entrypoint: ``aejob <args...>`` run by the cluster's own Python, every
+    argument shell-quoted."""
     args = [str(a) for a in args]
     if not args:
         raise ValueError("no aejob command given (e.g. `-- clean SRC --out DST`)")
     if args[0] == "submit":
         raise ValueError("refusing to submit `aejob submit` as a job")
-    return shlex.join(["python", "-m", "jobs.cli", *args])
+    return cluster_python_command(["-c", _BOOTSTRAP, *args])
+
+
+def entrypoint_args(entrypoint: str) -> list[str] | None:
+    """The aejob arguments of an entrypoint made by :func:`build_entrypoint`, else None."""
+    prefix = f'{CLUSTER_PYTHON_SH} exec "$py" '
+    if not entrypoint.startswith(prefix):
+        return None
+    argv = shlex.split(entrypoint[len(prefix):])
+    return argv[2:] if argv[:2] == ["-c", _BOOTSTRAP] else None
 
 
 def is_secret_name(name: str) -> bool:
@@ -459,7 +516,9 @@ def _submit_and_follow(
     if sid and existing:
         logger.info("submission id %s already exists (%s): following it", sid, existing)
     else:
-        logger.info("submitting to %s: %s", address, entrypoint)
+        args = entrypoint_args(entrypoint)
+        shown = "aejob " + shlex.join(args) if args is not None else entrypoint
+        logger.info("submitting to %s: %s", address, shown)
         logger.info("runtime_env: %s", describe_runtime_env(runtime_env))
         try:
             sid = client.submit_job(
@@ -507,9 +566,11 @@ def _submit_and_follow(
 
 SUBMIT_HELP = (
     "Submit an aejob command to a running Ray cluster as a Ray Job.\n\n"
-    "Everything after `--` is the aejob command; it runs on the cluster as "
-    "`python -m jobs.cli ...`, e.g. `aejob submit --address http://127.0.0.1:8265 "
-    "--working-dir . -- clean s3://b/in --out s3://b/out --format webp`.\n\n"
+    "Everything after `--` is the aejob command, e.g. `aejob submit --address "
+    "http://127.0.0.1:8265 -- clean s3://b/in --out s3://b/out --format webp`. It runs with "
+    "the Python that runs Ray on the cluster (not whatever `python` is first on its PATH; "
+    "`--env AEJOB_PYTHON=/path/to/python` overrides); where aejob is not installed there, "
+    "`--working-dir <aejob checkout>` uploads it with the job.\n\n"
     "Ray Jobs run once and Ray never retries them: retries belong to the submitter "
     "(KubeRay RayJob backoffLimit, CI, cron). `aejob clean` resumes from its done-markers, "
     "so a retry only redoes unfinished work. With --submission-id a rerun is idempotent: "

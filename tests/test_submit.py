@@ -1,7 +1,9 @@
-"""Tests for ``aejob submit`` (jobs/submit.py) and the KubeRay manifests in infra/.
+"""Tests for ``aejob submit`` (jobs/submit.py) and the README's "Run on a cluster" commands.
 
 The ``cluster`` tests start their own Ray head on loopback (unique temp dir, free ports,
-token auth on with a token of their own) and stop exactly the processes they started.
+token auth on with a token of their own, or auth disabled for the README's commands) with a
+PATH that does not contain the venv, as from a fresh shell, and stop exactly the processes
+they started. The KubeRay manifests are tested in test_infra.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import typer
-import yaml
 from typer.testing import CliRunner
 
 from jobs import submit as sub
@@ -35,7 +35,6 @@ from jobs.submit import SubmitError, SubmitOptions, build_entrypoint, register
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-INFRA = REPO / "infra"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -45,20 +44,64 @@ VENV_BIN = Path(sys.executable).parent
 def test_build_entrypoint_quotes_every_argument():
     args = ["clean", "s3://b/in dir", "--out", "s3://b/out;rm -rf /", "--name", "$(whoami)", "it's"]
     ep = build_entrypoint(args)
-    assert ep.startswith("python -m jobs.cli clean ")
-    assert shlex.split(ep) == ["python", "-m", "jobs.cli", *args]
+    assert ep.startswith(sub.CLUSTER_PYTHON_SH)
+    assert sub.entrypoint_args(ep) == args
     assert "'$(whoami)'" in ep  # no shell expansion on the cluster
 
 
-def test_build_entrypoint_plain_args_stay_readable():
-    ep = build_entrypoint(("clean", "s3://b/in", "--out", "s3://b/out", "--format", "webp"))
-    assert ep == "python -m jobs.cli clean s3://b/in --out s3://b/out --format webp"
+def test_build_entrypoint_round_trips_plain_args():
+    args = ["clean", "s3://b/in", "--out", "s3://b/out", "--format", "webp"]
+    assert sub.entrypoint_args(build_entrypoint(args)) == args
+    assert sub.entrypoint_args("python -m jobs.cli clean x") is None
 
 
 @pytest.mark.parametrize("args", [(), ("submit", "--", "clean", "x")])
 def test_build_entrypoint_rejects_empty_and_recursive(args):
     with pytest.raises(ValueError):
         build_entrypoint(args)
+
+
+def _run_entrypoint_under(parent_python: str, entrypoint: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run ``entrypoint`` with ``sh -c`` from a ``parent_python`` process, as Ray's job
+    supervisor (a Ray worker) does, with a PATH that has no venv on it."""
+    code = textwrap.dedent("""
+        import subprocess, sys
+        try:
+            import ray  # noqa: F401 - the supervisor has Ray loaded; a bare Python has not
+        except ImportError:
+            pass
+        sys.exit(subprocess.run(sys.argv[1], shell=True).returncode)
+    """)
+    return subprocess.run(
+        [parent_python, "-c", code, entrypoint], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), **env},
+    )
+
+
+def test_entrypoint_runs_with_the_python_that_runs_ray(tmp_path):
+    """The parent process has Ray loaded from the venv: the entrypoint finds that venv's Python
+    although no `python` on PATH has aejob (or exists at all)."""
+    probe = sub.cluster_python_command(["-c", "import sys, jobs; print('PREFIX', sys.prefix)"])
+    out = _run_entrypoint_under(sys.executable, probe, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"PREFIX {sys.prefix}" in out.stdout
+    out = _run_entrypoint_under(sys.executable, build_entrypoint(["clean", "--help"]), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Usage: aejob clean" in " ".join(out.stdout.split())
+
+
+def test_entrypoint_without_aejob_says_so_and_names_working_dir(tmp_path):
+    """A parent Python without Ray and aejob: the job exits 1 with a clear message."""
+    bare = shutil.which("python3", path="/usr/bin:/bin")
+    if not bare or subprocess.run([bare, "-c", "import jobs"], cwd=tmp_path, capture_output=True).returncode == 0:
+        pytest.skip("needs a system python3 without aejob")
+    out = _run_entrypoint_under(bare, build_entrypoint(["clean", "x", "--out", "y"]), tmp_path)
+    assert out.returncode == 1
+    assert "aejob is not importable with" in out.stderr and "--working-dir" in out.stderr
+    assert "Traceback" not in out.stderr
+    # AEJOB_PYTHON pins the interpreter whatever the parent is
+    out = _run_entrypoint_under(sys.executable, build_entrypoint(["clean", "x"]), tmp_path, AEJOB_PYTHON=bare)
+    assert out.returncode == 1 and "--working-dir" in out.stderr
 
 
 # --------------------------------------------------------------------------- env rules
@@ -178,7 +221,8 @@ def test_secrets_never_reach_the_log(monkeypatch, caplog, tmp_path):
     sent = calls["runtime_env"]["env_vars"]
     assert sent["AWS_SESSION_TOKEN"] == SECRETS["AWS_SESSION_TOKEN"]  # explicit: forwarded
     assert "AWS_SECRET_ACCESS_KEY" not in sent and "AWS_ACCESS_KEY_ID" not in sent
-    assert calls["entrypoint"] == "python -m jobs.cli clean s3://b/in --out s3://b/out"
+    assert sub.entrypoint_args(calls["entrypoint"]) == ["clean", "s3://b/in", "--out", "s3://b/out"]
+    assert "submitting to http://127.0.0.1:8265: aejob clean s3://b/in --out s3://b/out" in caplog.text
     text = caplog.text
     assert "AWS_SESSION_TOKEN" in text  # the name is shown ...
     for value in [*SECRETS.values(), environ["RAY_AUTH_TOKEN"]]:
@@ -358,116 +402,6 @@ def test_cli_unreachable_cluster_exits_1():
     assert "cannot use the Ray job API" in result.output
 
 
-# --------------------------------------------------------------------------- manifests
-
-
-def _docs(name: str) -> list[dict]:
-    with open(INFRA / name) as f:
-        return [d for d in yaml.safe_load_all(f) if d is not None]
-
-
-def _containers(pod_template: dict) -> list[dict]:
-    return pod_template["spec"]["containers"]
-
-
-def _check_rayjob(job: dict) -> None:
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    spec = job["spec"]
-    assert spec["entrypoint"].startswith("aejob clean s3://")
-    assert "--out s3://" in spec["entrypoint"]
-    assert spec["submissionMode"] == "K8sJobMode"
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
-    assert spec["backoffLimit"] == 2
-    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
-
-    cluster = spec["rayClusterSpec"]
-    head = cluster["headGroupSpec"]
-    assert head.get("serviceType", "ClusterIP") == "ClusterIP"  # dashboard not public
-    groups = cluster["workerGroupSpecs"]
-    assert len(groups) >= 2
-    gpu_groups = [
-        g for g in groups
-        if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
-               for c in _containers(g["template"]))
-    ]
-    cpu_groups = [g for g in groups if g not in gpu_groups]
-    assert gpu_groups and cpu_groups
-    for g in gpu_groups:
-        assert str(g["rayStartParams"]["num-gpus"]) == "1"
-        for c in _containers(g["template"]):
-            assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
-
-    pods = [head["template"], *(g["template"] for g in groups)]
-    for pod in pods:
-        for c in _containers(pod):
-            assert c["image"] == "aejob:0.1.0"
-            env = {e["name"]: e for e in c.get("env", [])}
-            # credentials only by reference, never inline
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                         "RAY_AUTH_TOKEN"):
-                assert "value" not in env.get(name, {}), name
-            has_secret_ref = any("secretRef" in e for e in c.get("envFrom", [])) or any(
-                "secretKeyRef" in e.get("valueFrom", {}) for e in env.values()
-            )
-            assert has_secret_ref
-
-
-def test_rayjob_manifest():
-    docs = _docs("rayjob.yaml")
-    jobs = [d for d in docs if d.get("kind") == "RayJob"]
-    assert len(jobs) == 1
-    _check_rayjob(jobs[0])
-    text = (INFRA / "rayjob.yaml").read_text()
-    assert "docker build" in text  # how to build the image
-    # nothing exposes the dashboard outside the cluster
-    assert not [d for d in docs if d.get("kind") in {"Ingress", "Route"}]
-    for d in docs:
-        if d.get("kind") == "Service":
-            assert d["spec"].get("type", "ClusterIP") == "ClusterIP"
-
-
-def test_cronjob_manifest():
-    docs = _docs("cronjob.yaml")
-    by_kind: dict[str, list[dict]] = {}
-    for d in docs:
-        by_kind.setdefault(d["kind"], []).append(d)
-    (cron,) = by_kind["CronJob"]
-    assert cron["apiVersion"] == "batch/v1"
-    spec = cron["spec"]
-    assert spec["concurrencyPolicy"] == "Forbid"
-    assert len(spec["schedule"].split()) == 5
-    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
-    sa = pod["serviceAccountName"]
-    assert pod["restartPolicy"] in {"Never", "OnFailure"}
-    script = " ".join(" ".join(c.get("command", []) + c.get("args", [])) for c in pod["containers"])
-    assert "kubectl create -f" in script
-
-    (account,) = by_kind["ServiceAccount"]
-    assert account["metadata"]["name"] == sa
-    (role,) = by_kind["Role"]
-    rules = [r for r in role["rules"] if "rayjobs" in r["resources"]]
-    assert rules and "ray.io" in rules[0]["apiGroups"] and "create" in rules[0]["verbs"]
-    (binding,) = by_kind["RoleBinding"]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert any(s["name"] == sa for s in binding["subjects"])
-
-    # the RayJob template in the ConfigMap is itself a valid RayJob with a fresh name per run
-    (cm,) = by_kind["ConfigMap"]
-    mounted = {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
-    assert cm["metadata"]["name"] in mounted
-    (template_text,) = cm["data"].values()
-    (template,) = [d for d in yaml.safe_load_all(template_text) if d]
-    assert "generateName" in template["metadata"] and "name" not in template["metadata"]
-    _check_rayjob(template)
-
-
-def test_infra_readme_mentions_all_three():
-    text = (INFRA / "README.md").read_text()
-    for needle in ("aejob submit", "RayJob", "CronJob", "backoffLimit"):
-        assert needle in text
-
-
 # --------------------------------------------------------------------------- real cluster
 
 
@@ -512,6 +446,22 @@ def _http_ok(url: str, token: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _path_without_venv() -> str:
+    """PATH as in a shell where the venv was never activated."""
+    venv = str(VENV_BIN.parent)
+    dirs = [d for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+            if d and not d.startswith(venv) and "/.venv/" not in d + "/"]
+    return os.pathsep.join(dirs)
+
+
+def _fresh_shell_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "AWS_")) and k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+    env["PATH"] = _path_without_venv()
+    env.update(extra)
+    return env
 
 
 @dataclass
@@ -564,7 +514,7 @@ def ray_cluster():
     token_file.write_text(token)
     token_file.chmod(0o600)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env = _fresh_shell_env()
     env.update(
         # Token auth explicitly on, with our own token: the cluster behaves the same
         # whether or not ~/.ray/auth_token exists (ray start turns auth on when it does).
@@ -573,8 +523,9 @@ def ray_cluster():
         RAY_USAGE_STATS_ENABLED="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop now, no 30 s node drain
         AEJOB_TEST_CLUSTER=marker,
-        # `python` in job entrypoints must be this interpreter (as in a cluster image).
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # A fresh shell: the venv is not on PATH, so the raylet's `python` is not the venv's
+        # (the job must still run with the Python that runs Ray).
+        PATH=_path_without_venv(),
     )
     gcs, dash = _free_port(), _free_port()
     cmd = [
@@ -631,7 +582,7 @@ def test_cluster_job_succeeds_with_working_dir_env_and_token(ray_cluster, tmp_pa
         address=ray_cluster.address,
         working_dir=str(tmp_path),
         env={"AEJOB_VALUE": "v-123"},
-        raw_entrypoint="python hello.py",
+        raw_entrypoint=sub.cluster_python_command(["hello.py"]),
         timeout_s=240,
         poll_interval_s=0.5,
     )
@@ -651,7 +602,7 @@ def test_cluster_job_succeeds_with_working_dir_env_and_token(ray_cluster, tmp_pa
 def test_cluster_failed_job_raises_with_log_tail(ray_cluster):
     opts = SubmitOptions(
         address=ray_cluster.address,
-        raw_entrypoint="python -c \"import sys; print('boom-aejob'); sys.exit(3)\"",
+        raw_entrypoint=sub.cluster_python_command(["-c", "import sys; print('boom-aejob'); sys.exit(3)"]),
         timeout_s=240,
         poll_interval_s=0.5,
     )
@@ -666,7 +617,8 @@ def test_cluster_failed_job_raises_with_log_tail(ray_cluster):
 def test_cluster_timeout_stops_the_job(ray_cluster):
     opts = SubmitOptions(
         address=ray_cluster.address,
-        raw_entrypoint="python -c \"import time; print('sleeping', flush=True); time.sleep(120)\"",
+        raw_entrypoint=sub.cluster_python_command(
+            ["-c", "import time; print('sleeping', flush=True); time.sleep(120)"]),
         timeout_s=3,
         poll_interval_s=0.5,
     )
@@ -705,8 +657,8 @@ app(prog_name="aejob")
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_cluster_cli_runs_real_entrypoint_and_is_idempotent(ray_cluster):
-    """`aejob submit --working-dir <repo> -- --help` runs `python -m jobs.cli --help` on
-    the cluster from the uploaded repo; a rerun with the same id follows the finished job."""
+    """`aejob submit --working-dir <repo> -- --help` runs `aejob --help` on the cluster
+    from the uploaded repo; a rerun with the same id follows the finished job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     sid = f"aejob-test-{secrets.token_hex(4)}"
     cmd = [
@@ -722,7 +674,7 @@ def test_cluster_cli_runs_real_entrypoint_and_is_idempotent(ray_cluster):
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.strip() == f"{sid} SUCCEEDED"
     assert f"[{sid}]" in first.stderr and "Usage:" in first.stderr  # streamed job log
-    assert "python -m jobs.cli --help" in first.stderr
+    assert f"submitting to {ray_cluster.address}: aejob --help" in first.stderr
     token = ray_cluster.token_file.read_text()
     assert token not in first.stderr + first.stdout
 
@@ -730,3 +682,52 @@ def test_cluster_cli_runs_real_entrypoint_and_is_idempotent(ray_cluster):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.strip() == f"{sid} SUCCEEDED"
     assert "already exists" in again.stderr  # followed, not submitted twice
+
+
+def _dst_rows(dst: Path) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(dst), format="parquet").to_table(columns=["key", "status"]).to_pylist()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(420)
+def test_cluster_submit_clean_from_a_fresh_shell(ray_cluster, image_folder, tiny_checkpoint, tmp_path):
+    """The issue's flow: a head started without the venv on PATH, then `.venv/bin/aejob submit
+    --wait -- clean SRC --out DST` from such a shell; the job runs with Ray's own Python."""
+    dst = tmp_path / "dst"
+    cmd = [
+        str(VENV_BIN / "aejob"), "submit", "--address", ray_cluster.address, "--wait",
+        "--auth-token-file", str(ray_cluster.token_file), "--timeout", "360",
+        "--", "clean", str(image_folder), "--out", str(dst), "--checkpoint", tiny_checkpoint,
+        "--num-actors", "1",
+    ]
+    env = _fresh_shell_env()
+    assert shutil.which("aejob", path=env["PATH"]) is None  # really no venv on PATH
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    print(out.stderr[-4000:])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.strip().endswith("SUCCEEDED")
+    assert "No module named" not in out.stderr
+    rows = _dst_rows(dst)
+    assert len(rows) == 6  # five images and the broken one, one row per input
+    assert sum(r["status"] == "ok" for r in rows) == 5
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_cluster_job_without_aejob_fails_with_a_clear_message(ray_cluster, tmp_path):
+    """A cluster Python without aejob (pinned here with AEJOB_PYTHON to a system python3):
+    the job FAILS and its log says aejob is not importable and names --working-dir."""
+    bare = shutil.which("python3", path="/usr/bin:/bin")
+    if not bare or subprocess.run([bare, "-c", "import jobs"], cwd=tmp_path, capture_output=True).returncode == 0:
+        pytest.skip("needs a system python3 without aejob")
+    opts = SubmitOptions(
+        address=ray_cluster.address, entrypoint_args=("clean", "s3://b/in", "--out", "s3://b/out"),
+        env={"AEJOB_PYTHON": bare}, timeout_s=240, poll_interval_s=0.5,
+    )
+    with pytest.raises(SubmitError) as ei:
+        sub.submit(opts, environ=_environ(ray_cluster))
+    assert ei.value.status == "FAILED"
+    assert "aejob is not importable with" in ei.value.logs_tail
+    assert "--working-dir" in ei.value.logs_tail
