@@ -57,6 +57,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", "
 TAR_EXTENSIONS = (".tar",)
 PARQUET_EXTENSIONS = (".parquet",)
 READ_CHUNK_ROWS = 16  # rows per yielded batch: keeps blocks of raw bytes small
+READ_CHUNK_BYTES = 16 << 20  # and fewer rows when the images are large
 LIST_PAGE_KEYS = 1000  # ListObjectsV2 page size (S3's maximum)
 KEYLIST_BATCH_ROWS = 8192  # rows per batch read from key lists and inventory files
 PARQUET_READ_ROWS = 4  # image rows per batch read from a Parquet input
@@ -89,7 +90,7 @@ class Unit:
     uri: str  # where to read it (local path or s3://bucket/key)
     kind: str  # "file" | "tar" | "parquet"
     size: int
-    version: str = ""  # change token: local mtime_ns; S3 "<ETag>@<LastModified>" as listed
+    version: str = ""  # change token: local mtime_ns; S3 "<ETag>@<LastModified>" as listed (no extra request)
 
 
 @dataclass
@@ -132,9 +133,10 @@ class _Entry:
 # ---- versions -----------------------------------------------------------------------------
 
 
-def _iso_ms(t: Any) -> str:
+def _iso_s(t: Any) -> str:
     """S3 LastModified in one form whatever the source (boto3 datetime, inventory CSV text,
-    Parquet timestamp or epoch ms), so a listing and an inventory give equal versions."""
+    Parquet timestamp or epoch ms), so a listing, a HEAD and an inventory give equal versions
+    (S3 keeps whole seconds; HEAD's Last-Modified header has no milliseconds)."""
     if t is None or t == "":
         return ""
     if isinstance(t, (int, np.integer)):
@@ -148,13 +150,13 @@ def _iso_ms(t: Any) -> str:
         if t.tzinfo is None:
             t = t.replace(tzinfo=dt.timezone.utc)
         t = t.astimezone(dt.timezone.utc)
-        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ")
     return str(t)
 
 
 def _s3_version(etag: Any, last_modified: Any) -> str:
     e = str(etag or "").strip('"')
-    m = _iso_ms(last_modified)
+    m = _iso_s(last_modified)
     return f"{e}@{m}" if e or m else ""
 
 
@@ -628,19 +630,22 @@ def _text(v: Any) -> str:
 def read_units(batch: dict[str, np.ndarray], image_column: str = "image") -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: plan rows (unit, uri, kind, shard[, version]) -> item rows with raw bytes.
 
-    A generator yielding at most ``READ_CHUNK_ROWS`` rows per block; containers are streamed,
-    so a worker holds one tar member or one small Parquet batch, never a whole container.
+    A generator yielding at most ``READ_CHUNK_ROWS`` rows (or about ``READ_CHUNK_BYTES``) per
+    block; containers are streamed, so a worker holds one tar member or one small Parquet
+    batch, never a whole container.
     Every unit ends with one ``kind='meta'`` row (see :func:`unit_items`).
     """
     versions = batch.get("version")
     pending: list[dict[str, Any]] = []
+    nbytes = 0
     for i in range(len(batch["unit"])):
         unit = {c: _text(batch[c][i]) for c in ("unit", "uri", "kind", "shard")}
         unit["version"] = _text(versions[i]) if versions is not None else ""
         for r in unit_items(unit, image_column):
             pending.append(r)
-            if len(pending) >= READ_CHUNK_ROWS:
+            nbytes += r["source_bytes"]
+            if len(pending) >= READ_CHUNK_ROWS or nbytes >= READ_CHUNK_BYTES:
                 yield _to_batch(pending)
-                pending = []
+                pending, nbytes = [], 0
     if pending:
         yield _to_batch(pending)
