@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from models import checkpoint
-from pipeline import decode, encode, infer, runner, writer
+from pipeline import actors, decode, encode, infer, runner, schemas
 from pipeline.batch import normalize
 
 Batch = dict[str, np.ndarray]
@@ -49,22 +49,35 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
     dim = int(meta["config"]["channels"][-1])
     return runner.JobSpec(
         job="clean",
-        src=cfg.src,
-        dst=cfg.dst,
-        schema=writer.clean_schema(dim),
+        config=cfg,
+        schema=schemas.clean_schema(dim),
         fingerprint=fingerprint,
         prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
-        actor_cls=infer.DenoiseActor,
+        actor_cls=actors.DenoiseActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "sigma": cfg.sigma, "device": cfg.device,
                       "tile": cfg.tile, "ensemble": cfg.ensemble},
         post=partial(encode.encode_batch, options=enc),
-        image_column=cfg.image_column,
-        shard_size=cfg.shard_size,
-        max_error_rate=cfg.max_error_rate,
-        limit=cfg.limit,
-        overwrite=cfg.overwrite,
+        probe=partial(probe, str(ck_path), cfg.ensemble),
         ray=ray_opts,
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "steps": meta.get("steps"), "metrics": meta.get("metrics")},
-        config={**asdict(cfg), "checkpoint": str(ck_path), "quality": enc.resolved_quality()},
+        resolved={**asdict(cfg), "checkpoint": str(ck_path), "quality": enc.resolved_quality()},
     )
+
+
+def probe(checkpoint_ref: str, ensemble: int, threads: int) -> float:
+    """Images/s of one denoise actor on a 768x512 photo-like image (for --dry-run's estimate)."""
+    import time
+
+    from models.noise import add_awgn_uint8
+    from pipeline.infer import estimate_sigma
+
+    rng = np.random.default_rng(0)
+    img = add_awgn_uint8(np.repeat(np.linspace(0, 255, 768, dtype=np.uint8)[None, :, None], 512, 0)
+                         .repeat(3, 2), 15.0, seed=int(rng.integers(1 << 16)))
+    eng = infer.DenoiseEngine(checkpoint_ref, device="cpu", threads=threads, ensemble=ensemble)
+    eng.denoise_one(img[:64, :64])  # warm-up
+    t = time.perf_counter()
+    eng.denoise_one(img, sigma=estimate_sigma(img))
+    encode.encode_image(img, encode.EncodeOptions("png"))
+    return 1.0 / (time.perf_counter() - t)

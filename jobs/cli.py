@@ -77,7 +77,11 @@ ShardSizeOpt = Annotated[int, typer.Option(help="Loose files per output shard.")
 LimitOpt = Annotated[int, typer.Option(help="Process only the first N inputs (files or containers).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace a DST made with different settings.")]
 DryRunOpt = Annotated[bool, typer.Option(help="List what would be processed, with bytes and a time estimate.")]
+DeleteOpt = Annotated[bool, typer.Option("--delete", help="Remove the rows of inputs that are gone from SRC (like rsync --delete); without it they stay.")]
 AddressOpt = Annotated[str, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray).")]
+NumActorsOpt = Annotated[int, typer.Option(help="Fixed number of model actors (0: scale between --min-actors and --max-actors).")]
+MinActorsOpt = Annotated[int, typer.Option(help="Fewest model actors when scaling.")]
+MaxActorsOpt = Annotated[int, typer.Option(help="Most model actors when scaling (0: as many as the cluster's CPUs or GPUs hold).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
@@ -96,13 +100,22 @@ def _sigma(value: str) -> float | str | None:
 
 
 def _ray_options(num_actors: int, num_gpus: float, batch_size: int, threads: int,
-                 actor_cpus: float, address: str) -> "runner.RayOptions":
+                 actor_cpus: float, address: str, min_actors: int = 1, max_actors: int = 0) -> "runner.RayOptions":
     from pipeline import runner
 
-    if num_actors < 1:
-        raise typer.BadParameter("--num-actors must be at least 1")
-    return runner.RayOptions(num_actors=num_actors, num_gpus=num_gpus, batch_size=batch_size,
-                             threads=threads, actor_cpus=actor_cpus, address=address)
+    if num_actors < 0 or min_actors < 1 or max_actors < 0:
+        raise typer.BadParameter("--num-actors and --max-actors must be >= 0, --min-actors >= 1")
+    if max_actors and max_actors < min_actors:
+        raise typer.BadParameter("--max-actors must be at least --min-actors")
+    return runner.RayOptions(num_actors=num_actors, min_actors=min_actors, max_actors=max_actors,
+                             num_gpus=num_gpus, batch_size=batch_size, threads=threads,
+                             actor_cpus=actor_cpus, address=address)
+
+
+def _delete(delete: bool, limit: int) -> bool:
+    if delete and limit:
+        raise typer.BadParameter("--delete needs the whole listing: it cannot go with --limit")
+    return delete
 
 
 def _finish(result: "runner.JobResult", dst: str) -> None:
@@ -134,7 +147,7 @@ def _run_spec(spec: "runner.JobSpec", out: str, dry_run: bool) -> None:
         return
     try:
         result = runner.run_job(spec)
-    except layout.DstError as e:
+    except (layout.DstError, FileNotFoundError) as e:
         typer.echo(f"refused: {e}", err=True)
         raise typer.Exit(2) from None
     _finish(result, out)
@@ -150,7 +163,9 @@ def clean(
     checkpoint: Annotated[str, typer.Option(help="Denoiser checkpoint (path or shipped name).")] = "denoiser-base",
     ensemble: Annotated[int, typer.Option(help="Average the model over 1, 2, 4 or 8 rotated/mirrored views (slower, a little cleaner).")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
-    num_actors: Annotated[int, typer.Option(help="Model actors.")] = 1,
+    num_actors: NumActorsOpt = 0,
+    min_actors: MinActorsOpt = 1,
+    max_actors: MaxActorsOpt = 0,
     num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0: CPU).")] = 0.0,
     threads: ThreadsOpt = 0,
     actor_cpus: ActorCpusOpt = 0.0,
@@ -160,6 +175,7 @@ def clean(
     shard_size: ShardSizeOpt = 256,
     limit: LimitOpt = 0,
     overwrite: OverwriteOpt = False,
+    delete: DeleteOpt = False,
     dry_run: DryRunOpt = False,
     address: AddressOpt = "",
     device: DeviceOpt = "auto",
@@ -176,9 +192,36 @@ def clean(
     cfg = CleanConfig(src=src, dst=out, format=format, quality=quality, sigma=_sigma(sigma),
                       checkpoint=checkpoint, image_column=image_column, max_pixels=max_pixels,
                       shard_size=shard_size, max_error_rate=max_error_rate, limit=limit,
-                      overwrite=overwrite, device=device, ensemble=ensemble)
-    spec = build_spec(cfg, _ray_options(num_actors, num_gpus, batch_size, threads, actor_cpus, address))
+                      overwrite=overwrite, device=device, ensemble=ensemble, delete=_delete(delete, limit))
+    spec = build_spec(cfg, _ray_options(num_actors, num_gpus, batch_size, threads, actor_cpus, address,
+                                        min_actors, max_actors))
     _run_spec(spec, out, dry_run)
+
+
+@app.command()
+def compact(
+    dst: Annotated[str, typer.Argument(help="A dataset written by aejob clean or compress (local or s3://).")],
+    target_rows: Annotated[int, typer.Option(help="Rows per merged shard (shards under half of it are merged).")] = 256,
+) -> None:
+    """Merge the small shards that many small runs leave behind (under DST's lease)."""
+    import time
+    import uuid
+
+    from pipeline import commit, layout, storage
+
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-compact-" + uuid.uuid4().hex[:6]
+    lease = layout.Lease(dst, run_id=run_id)
+    try:
+        lease.acquire()
+    except layout.DstError as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        out = commit.compact(dst, run_id, target_rows)
+        storage.delete(storage.join(dst, layout.TMP, run_id))
+    finally:
+        lease.release()
+    typer.echo(f"{out['small_shards']} small shards; merged {out['shards_removed']} into {out['merged_into']}")
 
 
 @app.command()
@@ -201,7 +244,9 @@ def compress(
     quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-ctx",
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
-    num_actors: Annotated[int, typer.Option(help="Codec actors.")] = 1,
+    num_actors: NumActorsOpt = 0,
+    min_actors: MinActorsOpt = 1,
+    max_actors: MaxActorsOpt = 0,
     threads: ThreadsOpt = 0,
     actor_cpus: ActorCpusOpt = 0.0,
     image_column: ImageColumnOpt = "image",
@@ -210,6 +255,7 @@ def compress(
     shard_size: ShardSizeOpt = 256,
     limit: LimitOpt = 0,
     overwrite: OverwriteOpt = False,
+    delete: DeleteOpt = False,
     dry_run: DryRunOpt = False,
     address: AddressOpt = "",
 ) -> None:
@@ -218,9 +264,10 @@ def compress(
 
     cfg = CompressConfig(src=src, dst=out, quality=quality, checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
-                         max_error_rate=max_error_rate, limit=limit, overwrite=overwrite)
+                         max_error_rate=max_error_rate, limit=limit, overwrite=overwrite,
+                         delete=_delete(delete, limit))
     try:
-        spec = build_spec(cfg, _ray_options(num_actors, 0.0, 1, threads, actor_cpus, address))
+        spec = build_spec(cfg, _ray_options(num_actors, 0.0, 1, threads, actor_cpus, address, min_actors, max_actors))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     _run_spec(spec, out, dry_run)
@@ -232,7 +279,7 @@ def decompress(
     out: Annotated[str, typer.Option("--out", help="Folder (or s3:// prefix) for the decoded images.")],
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "png",
     max_error_rate: Annotated[float, typer.Option(help="Exit non-zero when the error rate exceeds this.")] = 1.0,
-    num_actors: Annotated[int, typer.Option(help="Decoder actors.")] = 1,
+    num_actors: NumActorsOpt = 0,
     address: AddressOpt = "",
 ) -> None:
     """Decode every row of DST to DIR/<key with its extension replaced> (errors become report rows)."""
@@ -285,7 +332,7 @@ def _register_plugins() -> None:
     from jobs import bench_pipeline
 
     bench_pipeline.register(bench_app)
-    for mod, target in (("jobs.bench", bench_app), ("jobs.bench_codec", bench_app),
+    for mod, target in (("jobs.bench", bench_app), ("jobs.bench_codec", bench_app), ("jobs.bench_scale", bench_app),
                         ("jobs.train_codec", train_app), ("jobs.submit", app), ("jobs.verify", app),
                         ("jobs.train_embedder", train_app), ("jobs.search", app), ("jobs.bench_search", bench_app), ("jobs.report", app)):
         try:

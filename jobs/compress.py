@@ -6,46 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from models import checkpoint
-from models.metrics import psnr_uint8
-from pipeline import decode, runner, storage
-from pipeline.batch import normalize, objects
-from pipeline.infer import ok_rows, pixels_of
+from pipeline import actors, decode, runner, schemas, storage
+from pipeline.batch import normalize
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 DEFAULT_CODEC = "codec-ctx"  # also the default of `aejob compress --checkpoint` (jobs/cli.py)
-
-
-def compress_schema(embedding_dim: int) -> pa.Schema:
-    return pa.schema([
-        ("key", pa.string()),
-        ("source_uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("latent", pa.large_binary()),
-        ("bpp", pa.float64()),
-        ("psnr", pa.float64()),
-        ("codec", pa.string()),
-        ("note", pa.string()),
-        ("source_sha256", pa.string()),
-        ("source_bytes", pa.int64()),
-        ("embedding", pa.list_(pa.float32(), embedding_dim)),
-        ("embedding_model", pa.string()),
-        ("model", pa.string()),
-        ("checkpoint_sha256", pa.string()),
-    ])
 
 
 @dataclass(frozen=True)
@@ -62,60 +36,6 @@ def prepare_batch(batch: Batch, options: decode.DecodeOptions, keep_source: bool
     if src is not None:
         out["source_data"] = src
     return out
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """A stored row says inf for a lossless copy (never a made-up finite cap)."""
-    return psnr_uint8(a, b, identical=float("inf"))
-
-
-class CompressActor:
-    """Loads the codec once; compresses decoded rows and measures what a user keeps (PSNR)."""
-
-    def __init__(self, checkpoint_ref: str, quality: int | None, keep_if_smaller: bool,
-                 threads: int = 0, device: str = "auto", batch_size: int = 1) -> None:
-        from models.codec import CodecEngine
-
-        del batch_size  # images are coded one at a time (each has its own size)
-        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        # The codec runs on CPU: entropy coding is CPU-bound and must be bit-exact anyway.
-        del device
-        self.engine = CodecEngine(checkpoint_ref, threads=threads, device="cpu")
-        self.quality = quality if quality is not None else self.engine.default_quality
-        self.keep_if_smaller = keep_if_smaller
-        self.embedding_model = f"{self.engine.name}:latent-avg:{self.engine.sha256[:12]}"
-
-    def __call__(self, batch: Batch) -> Batch:
-        batch = normalize(batch)
-        n = len(batch["key"])
-        latent: list[object] = [None] * n
-        bpp = np.full(n, np.nan)
-        psnr = np.full(n, np.nan)
-        codec: list[object] = [None] * n
-        emb: list[object] = [None] * n
-        status, error = batch["status"].copy(), batch["error"].copy()
-        for i in ok_rows(batch):
-            img = pixels_of(batch, i)
-            try:
-                data = self.engine.compress(img, self.quality)
-                decoded = self.engine.decompress(data)
-                src = batch["source_data"][i] if "source_data" in batch else None
-                if self.keep_if_smaller and src is not None and len(src) <= len(data):
-                    latent[i], codec[i], psnr[i] = bytes(src), "original", float("inf")
-                else:
-                    latent[i], codec[i], psnr[i] = data, "aejob", _psnr(decoded, img)
-                bpp[i] = len(latent[i]) * 8 / (img.shape[0] * img.shape[1])  # type: ignore[arg-type]
-                emb[i] = self.engine.embed(img).astype(np.float32).tobytes()
-            except Exception as e:  # one image's failure is its row's error
-                status[i], error[i] = "error", f"compress failed: {type(e).__name__}: {e}"
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "exif", "source_data")}
-        out.update(
-            latent=objects(latent), bpp=bpp, psnr=psnr, codec=objects(codec), embedding=objects(emb),
-            embedding_model=objects([self.embedding_model if e is not None else None for e in emb]),
-            model=objects([self.engine.name] * n), checkpoint_sha256=objects([self.engine.sha256] * n),
-            status=status, error=error,
-        )
-        return out
 
 
 def passthrough(batch: Batch) -> Batch:
@@ -135,68 +55,34 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
     }
     dim = int(meta["config"]["latent_channels"])
     return runner.JobSpec(
-        job="compress", src=cfg.src, dst=cfg.dst, schema=compress_schema(dim), fingerprint=fingerprint,
+        job="compress", config=cfg, schema=schemas.compress_schema(dim), fingerprint=fingerprint,
         prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels),
                         keep_source=cfg.keep_if_smaller),
-        actor_cls=CompressActor,
+        actor_cls=actors.CompressActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "quality": quality, "keep_if_smaller": cfg.keep_if_smaller,
                       "device": cfg.device},
-        post=passthrough, image_column=cfg.image_column, shard_size=cfg.shard_size,
-        max_error_rate=cfg.max_error_rate, limit=cfg.limit, overwrite=cfg.overwrite, ray=ray_opts,
+        post=passthrough, probe=partial(probe, str(ck_path), quality), ray=ray_opts,
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "quality": quality, "metrics": meta.get("metrics")},
-        config={**asdict(cfg), "checkpoint": str(ck_path), "quality": quality},
+        resolved={**asdict(cfg), "checkpoint": str(ck_path), "quality": quality},
     )
 
 
+def probe(checkpoint_ref: str, quality: int, threads: int) -> float:
+    """Images/s of one codec actor (encode + the decode that measures PSNR) on a 768x512 image."""
+    import time
+
+    from models.codec import CodecEngine
+
+    y, x = np.mgrid[0:512, 0:768]
+    img = np.stack([(x % 256), (y % 256), ((x + y) % 256)], -1).astype(np.uint8)
+    eng = CodecEngine(checkpoint_ref, threads=threads)
+    t = time.perf_counter()
+    eng.decompress(eng.compress(img, quality))
+    return 1.0 / (time.perf_counter() - t)
+
+
 # ---- decompress ---------------------------------------------------------------------------
-
-
-class DecompressActor:
-    """Decodes latent bitstreams (or original bytes) and writes image files under ``out``."""
-
-    def __init__(self, checkpoint_ref: str, out: str, names: Any, fmt: str = "png",
-                 threads: int = 0) -> None:
-        from models.codec import CodecEngine
-
-        if not isinstance(names, dict):  # an ObjectRef: the map is stored once, not per actor
-            import ray
-
-            names = ray.get(names)
-
-        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        self.engine = CodecEngine(checkpoint_ref, threads=threads, device="cpu")
-        self.out, self.names, self.fmt = out, names, fmt
-
-    def __call__(self, batch: Batch) -> Batch:
-        from pipeline.encode import EncodeOptions, encode_image
-
-        batch = normalize(batch)
-        n = len(batch["key"])
-        status, error = [], []
-        for i in range(n):
-            key = str(batch["key"][i])
-            rel = self.names.get(key)
-            if batch["status"][i] != "ok" or rel is None:
-                status.append("skipped")
-                error.append(batch["error"][i] if batch["status"][i] != "ok" else "unsafe key")
-                continue
-            try:
-                data = batch["latent"][i]
-                if data is None:
-                    raise ValueError("no latent bytes")
-                if batch["codec"][i] == "original":
-                    img = decode.decode_image(bytes(data)).pixels
-                else:
-                    img = self.engine.decompress(bytes(data))
-                storage.write_bytes(storage.join(self.out, rel), encode_image(np.ascontiguousarray(img),
-                                                                                EncodeOptions(self.fmt)))
-                status.append("ok")
-                error.append(None)
-            except Exception as e:
-                status.append("error")
-                error.append(f"{type(e).__name__}: {e}")
-        return {"key": batch["key"], "status": objects(status), "error": objects(error)}
 
 
 def checkpoint_for(manifest: dict[str, Any], shas: set[str]) -> str:
@@ -239,15 +125,15 @@ def decompress(dst: str, out: str, fmt: str = "png", max_error_rate: float = 1.0
     manifest = runner.read_json_safe(storage.join(dst, "_manifest.json")) or {}
     ck_ref = checkpoint_for(manifest, shas)
     runner.init_ray(ray_opts.address)
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 2))
-    cpus, threads = runner.actor_resources(ray_opts, cluster_cpus)
+    ap = runner.actor_plan(ray_opts, *runner.cluster_resources())
     fs, path = storage.resolve(dst)
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["key", "status", "error", "latent", "codec"])
     ds = ds.map_batches(
-        DecompressActor, fn_constructor_kwargs={"checkpoint_ref": ck_ref, "out": out, "names": ray.put(names),
-                                                "fmt": fmt, "threads": threads},
-        compute=ActorPoolStrategy(min_size=ray_opts.num_actors, max_size=ray_opts.num_actors),
-        batch_size=4, batch_format="numpy", num_cpus=cpus,
+        actors.DecompressActor,
+        fn_constructor_kwargs={"checkpoint_ref": ck_ref, "out": out, "names": ray.put(names), "fmt": fmt,
+                               "threads": ap.threads, "actor_cpus": ap.cpus, "pool_max": ap.max_size},
+        compute=ActorPoolStrategy(min_size=ap.min_size, max_size=ap.max_size),
+        batch_size=4, batch_format="numpy", num_cpus=ap.cpus,
     )
     counts = {"ok": 0, "error": 0, "skipped": 0, "unsafe_keys": len(unsafe)}
     errors: dict[str, str] = {}

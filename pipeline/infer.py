@@ -1,4 +1,4 @@
-"""Model stage: the denoiser as a Ray Data callable class, and the engine it wraps.
+"""The denoiser engine (the model stage's work; its Ray Data actor is in pipeline/actors.py).
 
 The engine pads every image to the model's downsampling multiple and cuts large images into
 overlapping tiles, so memory is bounded by the tile size whatever the input size; tiles of all
@@ -10,7 +10,6 @@ tiling or resolution).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 
 from models import checkpoint
 from models.denoiser import ResUNetDenoiser
-from pipeline.batch import normalize, objects
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +87,16 @@ def estimate_sigma_pca(img: np.ndarray, patch: int = 7, crop: int = 384, stride:
 Sigma = float | str | Sequence[float | None] | None
 
 
+def gpu_tile_batch(tile: int, device: torch.device, bytes_per_pixel: int = 6_000, most: int = 64) -> int:
+    """Tiles per forward pass that fill about half of the GPU's free memory.
+
+    ``bytes_per_pixel`` is the U-Net's activation footprint in fp16 at inference (its widest
+    levels hold ~1.5k fp16 values per input pixel), so a 512² tile needs about 1.5 GB.
+    """
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(most, int(free * 0.5 // (tile * tile * bytes_per_pixel))))
+
+
 @dataclass(frozen=True)
 class Tile:
     image: int
@@ -143,8 +151,10 @@ class DenoiseEngine:
         self.multiple = int(ck.config.multiple)
         self.tile = max(self.multiple, tile // self.multiple * self.multiple)
         self.overlap = max(0, min(overlap, self.tile // 4))  # tiles must advance
-        self.batch_size = max(1, batch_size)
         self.amp = amp and self.device.type == "cuda"
+        # On a GPU the batch is sized to fill it (the CLI's --batch-size counts images per call,
+        # tiles per forward pass are the engine's business); on CPU it is the given size.
+        self.batch_size = gpu_tile_batch(self.tile, self.device) if self.device.type == "cuda" else max(1, batch_size)
         self.ensemble = check_ensemble(ensemble)
         self.embedding_dim = int(ck.config.embedding_dim)
         self.embedding_model = f"{self.name}:bottleneck-avg@{EMBED_SIZE}:{self.sha256[:12]}"
@@ -153,6 +163,12 @@ class DenoiseEngine:
         if self.amp:
             return torch.autocast("cuda", dtype=torch.float16)
         return nullcontext()
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """To the device; from pinned host memory on CUDA so the copy overlaps compute."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255)
@@ -227,7 +243,7 @@ class DenoiseEngine:
                 chunk = group[j : j + self.batch_size]
                 xb = torch.stack([padded[t.image][:, t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk])
                 sb = torch.tensor([levels[t.image] for t in chunk], dtype=torch.float32)
-                pred = self._predict(xb.to(self.device), sb.to(self.device), views)
+                pred = self._predict(self._upload(xb), self._upload(sb), views)
                 for t, out in zip(chunk, pred.cpu()):
                     H, W = padded[t.image].shape[1:]
                     # keep each tile's inner part; edges of the image keep the tile's edge
@@ -253,7 +269,7 @@ class DenoiseEngine:
             for img in images
         ])
         with self._autocast():
-            b = self.model.bottleneck(x.to(self.device))
+            b = self.model.bottleneck(self._upload(x))
         return self.model.embed(b).cpu().numpy().astype(np.float32)
 
     def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
@@ -279,46 +295,3 @@ def estimate_noise_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sig[i] = estimate_sigma(pixels_of(batch, i))
     batch["noise_sigma"] = sig
     return batch
-
-
-class DenoiseActor:
-    """Ray Data callable class: loads the checkpoint once, denoises decoded rows in place."""
-
-    def __init__(
-        self,
-        checkpoint_ref: str = DEFAULT_DENOISER,
-        sigma: float | str | None = None,
-        threads: int = 0,
-        device: str = "auto",
-        tile: int = 512,
-        batch_size: int = 4,
-        ensemble: int = 1,
-    ) -> None:
-        # Fractional-CPU actors get OMP_NUM_THREADS=1 from Ray; set torch's threads ourselves.
-        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=threads, tile=tile,
-                                    batch_size=batch_size, ensemble=ensemble)
-        self.sigma = sigma
-        log.info("denoiser %s on %s, %d threads", self.engine.name, self.engine.device,
-                 torch.get_num_threads())
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = normalize(batch)
-        n = len(batch["key"])
-        idx = ok_rows(batch)
-        emb: list[object] = [None] * n
-        pixels = list(batch["pixels"])
-        if idx:
-            sigma: Sigma = self.sigma
-            if sigma is None and "noise_sigma" in batch:  # auto: the CPU stage already estimated it
-                sigma = [float(batch["noise_sigma"][i]) for i in idx]
-            cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], sigma)
-            for j, i in enumerate(idx):
-                pixels[i] = cleaned[j].tobytes()
-                emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls
-        batch["pixels"] = objects(pixels)
-        batch["embedding"] = objects(emb)
-        batch["embedding_model"] = objects([self.engine.embedding_model if e is not None else None for e in emb])
-        batch["model"] = objects([self.engine.name] * n)
-        batch["checkpoint_sha256"] = objects([self.engine.sha256] * n)
-        return batch

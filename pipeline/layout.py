@@ -5,7 +5,7 @@ current rows, one per key. So the data files are the only files not starting wit
 
     DST/<shard>.parquet          one file per input shard (deterministic name)
     DST/_markers/<shard>.json    done-marker, written after the data file is published
-    DST/_tmp/                    shard files being written (never read as data)
+    DST/_tmp/<run id>/           the run's plan and the part files workers write (never read as data)
     DST/_config.json             the settings this dataset was made with
     DST/_lease.json              the live run's lease (heartbeat + expiry)
     DST/_lease.json.lock         (local DST only) lock file for lease compare-and-replace
@@ -15,6 +15,7 @@ current rows, one per key. So the data files are the only files not starting wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,8 +23,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from pipeline import storage
 
@@ -66,13 +71,91 @@ def write_json(uri: str, obj: Any) -> None:
     storage.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
+MARKER_READERS = 32  # parallel GETs: a resume reads every marker once
+
+
+def iter_markers(dst: str) -> Iterator[dict[str, Any]]:
+    """Every done-marker of DST, fetched in parallel and yielded one by one (never all held)."""
+    fs = storage.resolve(dst)[0]
+    uris = (storage.to_uri(fs, i.path) for i in storage.list_files(storage.join(dst, MARKERS), recursive=False)
+            if i.base_name.endswith(".json"))
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        batch: list[str] = []
+        for uri in uris:
+            batch.append(uri)
+            if len(batch) >= 4 * MARKER_READERS:
+                yield from pool.map(_read_marker, batch)
+                batch = []
+        yield from pool.map(_read_marker, batch)
+
+
+def _read_marker(uri: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(uri))  # type: ignore[no-any-return]
+
+
 def read_markers(dst: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for info in storage.list_files(storage.join(dst, MARKERS), recursive=False):
-        if info.base_name.endswith(".json"):
-            m = json.loads(storage.read_bytes(storage.to_uri(storage.resolve(dst)[0], info.path)))
-            out[m["shard"]] = m
-    return out
+    """shard -> marker, all in memory: for small DSTs and tools (verify, tests)."""
+    return {m["shard"]: m for m in iter_markers(dst)}
+
+
+def key_hashes(keys: Iterable[str]) -> np.ndarray:
+    """64-bit hashes of keys: the driver's done-state costs 8 bytes per unit, not a Python string."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
+                        for k in keys), dtype=np.uint64)
+
+
+class DoneIndex:
+    """Units already in DST: sorted 64-bit key hashes with, per unit, a hash of its source
+    version and the shard holding it (20 bytes per unit on the driver, never the key strings).
+
+    A key in two markers (a run that died between publishing a changed unit's new shard and
+    dropping it from its old one) keeps its newest entry; the others are ``superseded``.
+    """
+
+    def __init__(self, hashes: np.ndarray | None = None, versions: np.ndarray | None = None,
+                 shards: np.ndarray | None = None, shard_names: list[str] | None = None,
+                 shard_times: list[float] | None = None) -> None:
+        self.shard_names = shard_names or []
+        h = hashes if hashes is not None else np.zeros(0, np.uint64)
+        v = versions if versions is not None else np.zeros(len(h), np.uint64)
+        s = shards if shards is not None else np.zeros(len(h), np.int32)
+        times = np.asarray(shard_times or [0.0] * len(self.shard_names), np.float64)
+        # newest entry first within equal hashes, then keep the first of each hash
+        order = np.lexsort((-times[s] if len(s) else s, h))
+        h, v, s = h[order], v[order], s[order]
+        first = np.ones(len(h), bool)
+        first[1:] = h[1:] != h[:-1]
+        self.superseded = [(int(si), int(hi)) for si, hi in zip(s[~first], h[~first])]
+        self.hashes, self.versions, self.shards = h[first], v[first], s[first]
+        self.seen = np.zeros(len(self.hashes), bool)  # set by lookup(): listed this run
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def lookup(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(done mask, positions) of ``keys``; marks them seen."""
+        h = key_hashes(keys)
+        if not len(self.hashes):
+            return np.zeros(len(keys), bool), np.zeros(len(keys), np.int64)
+        pos = np.searchsorted(self.hashes, h).clip(0, len(self.hashes) - 1)
+        done = self.hashes[pos] == h
+        self.seen[pos[done]] = True
+        return done, pos
+
+    def contains(self, keys: list[str]) -> np.ndarray:
+        return self.lookup(keys)[0]
+
+    def unseen(self) -> np.ndarray:
+        """Positions of done units that the listing did not show (sources deleted)."""
+        return np.flatnonzero(~self.seen)
+
+
+def version_hashes(versions: Iterable[str]) -> np.ndarray:
+    """Hashes of source versions; 0 for an unknown version (markers of older releases)."""
+    vs = list(versions)
+    h = key_hashes(vs)
+    h[[i for i, v in enumerate(vs) if not v]] = 0
+    return h
 
 
 def data_files(dst: str) -> list[str]:
@@ -86,12 +169,14 @@ def data_files(dst: str) -> list[str]:
 
 @dataclass
 class DstState:
-    markers: dict[str, dict[str, Any]]
-    done_units: set[str]
+    done: DoneIndex
+    shards: int  # committed shards
+    totals: dict[str, int]  # rows / ok / error over the committed shards
+    small: int = 0  # loose-file shards under half of small_rows*2 rows (compaction candidates)
     removed_orphans: list[str] = field(default_factory=list)
 
 
-def prepare(dst: str, fingerprint: dict[str, Any], overwrite: bool) -> DstState:
+def prepare(dst: str, fingerprint: dict[str, Any], overwrite: bool, small_rows: int = 0) -> DstState:
     """Check DST's settings against ours, clear leftovers of crashed runs, return done units.
 
     Same settings: resume (done shards are skipped). Different settings: refused unless
@@ -113,14 +198,41 @@ def prepare(dst: str, fingerprint: dict[str, Any], overwrite: bool) -> DstState:
         log.warning("--overwrite: removed the previous data files and markers of %s", dst)
     storage.delete(storage.join(dst, TMP))
     write_json(storage.join(dst, CONFIG), fingerprint)
-    markers = read_markers(dst)
-    orphans = [s for s in data_files(dst) if s not in markers]
-    for s in orphans:  # published by a run that died before its marker: redo those units
+    return read_state(dst, clean_orphans=True, small_rows=small_rows)
+
+
+def read_state(dst: str, clean_orphans: bool = False, small_rows: int = 0) -> DstState:
+    """Done-state from the markers (read once, in parallel; only hashes and totals are kept).
+
+    ``clean_orphans``: delete data files without a marker (published by a run that died before
+    its marker), so their units are redone.
+    """
+    names: list[str] = []
+    times: list[float] = []
+    hashes: list[np.ndarray] = []
+    versions: list[np.ndarray] = []
+    shards: list[np.ndarray] = []
+    totals = {"rows": 0, "ok": 0, "error": 0}
+    small = 0
+    for m in iter_markers(dst):
+        small += int(str(m["shard"]).startswith("files-") and int(m.get("rows", 0)) < small_rows)
+        units = m.get("units", [])
+        hashes.append(key_hashes(units))
+        versions.append(version_hashes(m.get("versions") or [""] * len(units)))
+        shards.append(np.full(len(units), len(names), np.int32))
+        names.append(m["shard"])
+        times.append(float(m.get("finished_at", 0.0)))
+        for k in totals:
+            totals[k] += int(m.get(k, 0))
+    known = set(names)
+    orphans = [s for s in data_files(dst) if s not in known] if clean_orphans else []
+    for s in orphans:
         storage.delete(data_file(dst, s))
     if orphans:
         log.warning("removed %d data files without done-markers (a crashed run)", len(orphans))
-    done = {u for m in markers.values() for u in m.get("units", [])}
-    return DstState(markers=markers, done_units=done, removed_orphans=orphans)
+    cat = (lambda xs, t: np.concatenate(xs) if xs else np.zeros(0, t))  # noqa: E731
+    done = DoneIndex(cat(hashes, np.uint64), cat(versions, np.uint64), cat(shards, np.int32), names, times)
+    return DstState(done=done, shards=len(names), totals=totals, removed_orphans=orphans, small=small)
 
 
 def lease_ttl_s() -> float:

@@ -1,9 +1,16 @@
-"""The job driver shared by ``clean`` and ``compress``: list → plan → Ray Data → shard writer.
+"""The job driver shared by ``clean`` and ``compress``. The run's whole path, top to bottom:
 
-    units (listing) ─ read_units ─ prepare (decode+validate, CPU) ─ model actors ─ post (encode,
-    CPU) ─ driver: ShardWriter (per-shard Parquet + markers) ─ _manifest.json
+    plan     (driver)  stream SRC's listing, skip done units, write the plan under _tmp/<run>/plan
+    read     (workers) plan rows -> raw bytes (tar members and Parquet row groups streamed)
+    decode   (workers) decode + validate; a bad input becomes an error row, never a lost one
+    model    (actors)  denoise / compress, batched, CPU or GPU
+    encode   (workers) pixels -> image bytes
+    write    (workers) one part file per shard and batch under _tmp; only metadata comes back
+    commit   (driver)  complete shard -> publish task (worker merges + publishes) -> done-marker;
+                       run record and manifest last
 
-Every input yields a row: bad files are error rows, never dropped, never a failed task.
+The driver never holds a data byte: its memory is the in-flight shards plus 8 bytes per done
+unit, and what it writes is the plan, the markers and the manifest.
 """
 
 from __future__ import annotations
@@ -12,20 +19,28 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline import decode, layout, sources, storage
-from pipeline.writer import ShardWriter
+from pipeline import commit as commit_mod
+from pipeline import decode, layout, sink, sources, storage
+from pipeline.commit import Commit, reconcile
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+PLAN_FIRST_FILE_UNITS = 4  # plan files grow 4, 8, 16, ...: small jobs still get parallel reads
+PLAN_MAX_FILE_UNITS = 4096
+PROGRESS_EVERY_S = 2.0
+# Environment that workers need to reach storage, handed to them through the runtime env
+# (a cluster's workers do not inherit the driver's shell); values are never logged.
+WORKER_ENV_PREFIXES = ("AWS_", "AEJOB_")
 
 
 def package_version() -> str:
@@ -48,38 +63,46 @@ class JobConfig:
     limit: int = 0  # only the first N inputs (0: all)
     overwrite: bool = False  # replace a DST made with other settings
     device: str = "auto"
+    delete: bool = False  # remove the rows of sources that are gone (rsync --delete)
 
 
 @dataclass(frozen=True)
 class RayOptions:
-    num_actors: int = 1
+    num_actors: int = 0  # fixed pool size; 0: scale between min_actors and max_actors
+    min_actors: int = 1
+    max_actors: int = 0  # 0: as many as the cluster's CPUs (or GPUs) hold
     num_gpus: float = 0.0
     actor_cpus: float = 0.0  # 0: pick from the cluster size
-    threads: int = 0  # torch threads per actor; 0: pick
+    threads: int = 0  # torch threads per actor; 0: the node's CPUs / the actors on it
     batch_size: int = 4  # images per model call
-    cpu_stage_cpus: float = 0.5  # CPUs per decode/encode task
+    cpu_stage_cpus: float = 0.5  # CPUs per read/decode/encode/write task
     address: str = ""  # "" = RAY_ADDRESS or a local Ray
 
 
 @dataclass(frozen=True)
 class JobSpec:
+    """A job as the runner executes it: the user's config plus what ``clean``/``compress`` plug in."""
+
     job: str  # "clean" | "compress"
-    src: str
-    dst: str
+    config: JobConfig
     schema: pa.Schema
     fingerprint: dict[str, Any]  # settings that must match to resume into DST
     prepare: Callable[[Batch], Batch]  # CPU: decode + validate (+ noise estimate)
     actor_cls: type
     actor_kwargs: dict[str, Any]
     post: Callable[[Batch], Batch]  # CPU: encode
-    image_column: str = "image"
-    shard_size: int = 256
-    max_error_rate: float = 1.0
-    limit: int = 0
-    overwrite: bool = False
+    probe: Callable[[int], float]  # images/s of one actor with N threads (for --dry-run)
     ray: RayOptions = field(default_factory=RayOptions)
     model_info: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)  # resolved, for the manifest
+    resolved: dict[str, Any] = field(default_factory=dict)  # the resolved config, for the manifest
+
+    @property
+    def src(self) -> str:
+        return self.config.src
+
+    @property
+    def dst(self) -> str:
+        return self.config.dst
 
 
 @dataclass
@@ -89,166 +112,315 @@ class JobResult:
     exit_code: int
 
 
+def _verbose() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+
+
 def init_ray(address: str = "") -> None:
+    """Connect to RAY_ADDRESS / ``address`` or start a local Ray; Ray's own output only with -v."""
     import ray
 
     if ray.is_initialized():
         return
+    verbose = _verbose()
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS", "")
+    env = worker_env()
+    if env and not os.environ.get("RAY_JOB_ID"):  # a Ray Job's driver already has its runtime env
+        kwargs["runtime_env"] = {"env_vars": env}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, **kwargs)
 
 
-def actor_resources(opts: RayOptions, cluster_cpus: float) -> tuple[float, int]:
-    """(CPUs per actor, torch threads per actor).
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the cluster."""
+    import ray
 
-    On small machines an actor pool that asks for every CPU starves the read tasks and the
-    pipeline hangs without an error, so actors together leave at least one CPU for the CPU
-    stages; torch threads are set explicitly (Ray gives fractional actors OMP_NUM_THREADS=1).
+    res = ray.cluster_resources()
+    return float(res.get("CPU", os.cpu_count() or 2)), float(res.get("GPU", 0))
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    cpus: float  # CPUs each actor reserves
+    min_size: int
+    max_size: int
+    threads: int  # 0: each actor takes its node's share
+
+
+def actor_plan(opts: RayOptions, cluster_cpus: float, cluster_gpus: float = 0.0) -> ActorPlan:
+    """How many model actors, with how many CPUs each.
+
+    On small machines a pool that asks for every CPU starves the read tasks and the pipeline
+    hangs without an error, so CPU actors together leave room for the CPU stages. Torch threads
+    are decided by each actor from its own node (``pipeline.actors.node_threads``) unless set.
     """
     if opts.num_gpus > 0:
         cpus = opts.actor_cpus or 1.0
-        return cpus, opts.threads or max(1, int(cpus))
-    free = max(0.5, cluster_cpus - 1)
-    cpus = opts.actor_cpus or min(1.0, free / max(1, opts.num_actors))
-    threads = opts.threads or max(1, int(round(cluster_cpus / max(1, opts.num_actors))))
-    return cpus, threads
+        most = max(1, int(cluster_gpus // opts.num_gpus)) if cluster_gpus else 1
+    else:
+        fixed = max(1, opts.num_actors)
+        free = max(0.5, cluster_cpus - 1)
+        cpus = opts.actor_cpus or (min(1.0, free / fixed) if opts.num_actors else min(1.0, free))
+        most = max(1, int(cluster_cpus * 0.75 // cpus))
+    if opts.num_actors:
+        return ActorPlan(cpus, opts.num_actors, opts.num_actors, opts.threads)
+    top = min(most, opts.max_actors) if opts.max_actors else most
+    return ActorPlan(cpus, min(max(1, opts.min_actors), top), top, opts.threads)
 
 
-def plan(spec: JobSpec) -> tuple[sources.Listing, list[sources.Unit]]:
-    listing = sources.list_source(spec.src)
-    units = listing.units
-    if spec.limit:
-        units = units[: spec.limit]
-    return listing, units
+# ---- plan ---------------------------------------------------------------------------------
+
+PLAN_SCHEMA = pa.schema([("unit", pa.string()), ("uri", pa.string()), ("kind", pa.string()),
+                         ("size", pa.int64()), ("version", pa.string()), ("shard", pa.string())])
 
 
-def dry_run(spec: JobSpec, images_per_s: float = 3.0) -> dict[str, Any]:
-    listing, units = plan(spec)
-    done: set[str] = set()
-    if storage.exists(storage.join(spec.dst, layout.CONFIG)):
-        done = {u for m in layout.read_markers(spec.dst).values() for u in m.get("units", [])}
-    pending = [u for u in units if u.key not in done]
-    by_kind: dict[str, int] = {}
-    for u in pending:
-        by_kind[u.kind] = by_kind.get(u.kind, 0) + 1
-    est_images = sum(1 if u.kind == "file" else max(1, u.size // 500_000) for u in pending)
-    actors = max(1, spec.ray.num_actors)
+@dataclass
+class Plan:
+    """What a run will process; only per-shard facts stay in memory, never per-unit ones."""
+
+    stats: sources.ListingStats = field(default_factory=sources.ListingStats)
+    units_done: int = 0  # listed and already in DST, unchanged
+    units: int = 0  # pending: new + changed
+    new: int = 0
+    changed: int = 0
+    changed_pos: list[np.ndarray] = field(default_factory=list)  # DoneIndex positions of changed units
+    bytes: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    shard_units: dict[str, int] = field(default_factory=dict)  # pending shard -> its unit count
+    files: list[str] = field(default_factory=list)  # plan Parquet files
+    seconds: float = 0.0
+
+
+def pending_units(spec: JobSpec, done: layout.DoneIndex, plan: Plan, chunk: int = 4096) -> Iterator[sources.Unit]:
+    """SRC's new and changed units, streamed (the done check runs on chunks of hashes).
+
+    A unit is changed when its source version (size + mtime, or S3 size + ETag + LastModified)
+    differs from the one its marker recorded; markers without versions count as unchanged.
+    """
+    it = sources.iter_units(spec.src, plan.stats)
+    taken = 0
+    while True:
+        units: list[sources.Unit] = []
+        for u in it:
+            units.append(u)
+            if len(units) >= chunk:
+                break
+        if spec.config.limit:
+            units = units[: max(0, spec.config.limit - taken)]
+        if not units:
+            return
+        taken += len(units)
+        is_done, pos = done.lookup([u.key for u in units])
+        old = done.versions[pos[is_done]] if len(done) else np.zeros(0, np.uint64)
+        new_v = layout.version_hashes([u.version for u, d in zip(units, is_done) if d])
+        differs = (old != 0) & (new_v != 0) & (old != new_v)
+        changed = np.zeros(len(units), bool)
+        changed[np.flatnonzero(is_done)[differs]] = True
+        plan.units_done += int(is_done.sum() - differs.sum())
+        plan.changed += int(differs.sum())
+        plan.new += int((~is_done).sum())
+        if differs.any():
+            plan.changed_pos.append(pos[changed])
+        for u, d, c in zip(units, is_done, changed):
+            if not d or c:
+                yield u
+
+
+def make_plan(spec: JobSpec, done: layout.DoneIndex, plan_dir: str | None) -> Plan:
+    """Stream the listing into pending shards; with ``plan_dir``, write them as plan files."""
+    t0 = time.time()
+    plan = Plan()
+    rows: list[dict[str, Any]] = []
+    file_units = PLAN_FIRST_FILE_UNITS
+
+    def flush() -> None:
+        nonlocal rows, file_units
+        if rows and plan_dir is not None:
+            uri = storage.join(plan_dir, f"plan-{len(plan.files):06d}.parquet")
+            buf = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), buf)
+            storage.write_bytes(uri, buf.getvalue().to_pybytes())
+            plan.files.append(uri)
+            file_units = min(PLAN_MAX_FILE_UNITS, file_units * 2)
+        rows = []
+
+    for shard in sources.iter_shards(pending_units(spec, done, plan), spec.config.shard_size):
+        plan.shard_units[shard.name] = len(shard.units)
+        for u in shard.units:
+            plan.units += 1
+            plan.bytes += u.size
+            plan.by_kind[u.kind] = plan.by_kind.get(u.kind, 0) + 1
+            if plan_dir is not None:
+                rows.append({"unit": u.key, "uri": u.uri, "kind": u.kind, "size": u.size,
+                             "version": u.version, "shard": shard.name})
+        if len(rows) >= file_units:
+            flush()
+    flush()
+    plan.seconds = time.time() - t0
+    return plan
+
+
+def dry_run(spec: JobSpec) -> dict[str, Any]:
+    """What a run would do: counts and bytes from the real plan (nothing written), and a time
+    estimate from a measured rate (a short probe of the model on this machine)."""
+    state = layout.read_state(spec.dst) if storage.exists(storage.join(spec.dst, layout.CONFIG)) else None
+    plan = make_plan(spec, state.done if state else layout.DoneIndex(), None)
+    try:
+        init_ray(spec.ray.address)
+        cpus, gpus = cluster_resources()
+    except Exception:  # no cluster reachable: estimate for this machine
+        cpus, gpus = float(os.cpu_count() or 2), 0.0
+    ap = actor_plan(spec.ray, cpus, gpus)
+    threads = ap.threads or max(1, int(cpus // ap.max_size))
+    rate = spec.probe(threads)
+    images = plan.by_kind.get("file", 0) + sum(
+        max(1, round(plan.bytes / max(1, plan.units) / 500_000)) * n
+        for kind, n in plan.by_kind.items() if kind != "file")
     return {
         "src": spec.src,
         "dst": spec.dst,
-        "units": len(units),
-        "pending_units": len(pending),
-        "already_done_units": len(units) - len(pending),
-        "by_kind": by_kind,
-        "bytes": sum(u.size for u in pending),
-        "skipped_files": len(listing.skipped),
-        "shards": len(sources.plan_shards(pending, spec.shard_size)),
-        "estimated_seconds": round(est_images / (images_per_s * actors), 1),
-        "estimate_basis": f"{images_per_s} images/s per actor, ~500 kB per image in containers",
+        "units": plan.units + plan.units_done,
+        "pending_units": plan.units,
+        "already_done_units": plan.units_done,
+        "by_kind": plan.by_kind,
+        "bytes": plan.bytes,
+        "skipped_files": plan.stats.skipped,
+        "shards": len(plan.shard_units),
+        "listing_seconds": round(plan.seconds, 3),
+        "actors": ap.max_size,
+        "estimated_seconds": round(images / (rate * ap.max_size), 1) if rate > 0 else None,
+        "estimate_basis": (f"probe: {rate:.2f} images/s per actor at {threads} threads on a 768x512 image, "
+                           f"{ap.max_size} actors; containers counted as ~500 kB per image"),
     }
 
 
-def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
+# ---- run ----------------------------------------------------------------------------------
+
+
+def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
+    """read → decode → model → encode → write, as one streaming Ray Data pipeline."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    opts = spec.ray
+    # CPU stages ask a different CPU amount than the actors so Ray does not fuse the decode into
+    # the model actors (decode then runs in parallel with inference).
+    stage_cpus = opts.cpu_stage_cpus if opts.cpu_stage_cpus != ap.cpus else ap.cpus / 2
+    fs, _ = storage.resolve(spec.dst)
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.files], filesystem=fs, num_cpus=stage_cpus)
+    ds = ds.map_batches(sources.read_units, batch_size=4, batch_format="numpy",
+                        fn_kwargs={"image_column": spec.config.image_column}, num_cpus=stage_cpus)
+    ds = ds.map_batches(spec.prepare, batch_size=opts.batch_size, batch_format="numpy", num_cpus=stage_cpus)
+    ds = ds.map_batches(
+        spec.actor_cls,
+        fn_constructor_kwargs={**spec.actor_kwargs, "threads": ap.threads, "batch_size": opts.batch_size,
+                               "actor_cpus": ap.cpus, "pool_max": ap.max_size},
+        # actor pools restart crashed actors and retry their tasks by default (at-least-once;
+        # parts are named by their keys and the publisher drops repeated keys)
+        compute=ActorPoolStrategy(min_size=ap.min_size, max_size=ap.max_size),
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        num_cpus=ap.cpus,
+        num_gpus=opts.num_gpus or None,
+    )
+    ds = ds.map_batches(spec.post, batch_size=opts.batch_size, batch_format="numpy", num_cpus=stage_cpus)
+    return ds.map_batches(sink.write_parts, batch_size=16,  # type: ignore[arg-type] batch_format="numpy", num_cpus=stage_cpus,
+                          fn_kwargs={"dst": spec.dst, "run_id": run_id, "schema": spec.schema})
+
+
+def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    listing, units = plan(spec)
-    t_list = time.time() - t0
     lease = layout.Lease(spec.dst, run_id=run_id)
     lease.acquire()
-    writer: ShardWriter | None = None
+    run_tmp = storage.join(spec.dst, layout.TMP, run_id)
+    plan = Plan()
+    state: layout.DstState | None = None
+    commit: Commit | None = None
+    resources: dict[str, Any] = {}
+    curve: list[list[float]] = []
     status, reason = "succeeded", None
     try:
-        state = layout.prepare(spec.dst, spec.fingerprint, spec.overwrite)
-        pending = [u for u in units if u.key not in state.done_units]
-        shards = sources.plan_shards(pending, spec.shard_size)
-        log.info("%s: %d units listed, %d already done, %d pending in %d shards",
-                 spec.src, len(units), len(units) - len(pending), len(pending), len(shards))
-        writer = ShardWriter(spec.dst, spec.schema, run_id, lease=lease)
-        writer.begin(shards)
-        resources: dict[str, Any] = {}
-        if shards:
+        state = layout.prepare(spec.dst, spec.fingerprint, spec.config.overwrite,  # commit side first
+                               commit_mod.small_rows(spec.config.shard_size))
+        plan = make_plan(spec, state.done, storage.join(run_tmp, "plan"))
+        log.info("%s: %d units listed in %.1f s, %d already done, %d pending in %d shards",
+                 spec.src, plan.units + plan.units_done, plan.seconds, plan.units_done, plan.units,
+                 len(plan.shard_units))
+        commit = Commit(spec, run_id, plan.shard_units, lease)
+        if plan.shard_units:
             init_ray(spec.ray.address)
-            ctx = DataContext.get_current()
-            ctx.enable_progress_bars = False
-            cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 2))
-            cpus, threads = actor_resources(spec.ray, cluster_cpus)
-            resources = {"num_actors": spec.ray.num_actors, "actor_cpus": cpus,
-                         "threads": threads, "num_gpus": spec.ray.num_gpus}
+            cpus, gpus = cluster_resources()
+            if cpus <= 0:
+                raise RuntimeError("the Ray cluster has no CPUs (a head with num_cpus=0 and no worker "
+                                   "nodes?): the job would wait forever")
+            ap = actor_plan(spec.ray, cpus, gpus)
+            resources = {"actors_min": ap.min_size, "actors_max": ap.max_size, "actor_cpus": ap.cpus,
+                         "threads": ap.threads or "per node", "num_gpus": spec.ray.num_gpus,
+                         "cluster_cpus": cpus, "cluster_gpus": gpus}
             log.info("actors: %s", resources)
-            rows = sources.unit_rows(shards)
-            ds: Any = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
-            # CPU stages ask a different CPU amount than the actors so Ray does not fuse the
-            # decode into the model actors (decode then runs in parallel with inference).
-            stage_cpus = spec.ray.cpu_stage_cpus if spec.ray.cpu_stage_cpus != cpus else cpus / 2
-            ds = ds.map_batches(sources.read_units, batch_size=4, batch_format="numpy",
-                                fn_kwargs={"image_column": spec.image_column}, num_cpus=stage_cpus)
-            ds = ds.map_batches(spec.prepare, batch_size=spec.ray.batch_size, batch_format="numpy",
-                                num_cpus=stage_cpus)
-            ds = ds.map_batches(
-                spec.actor_cls,
-                fn_constructor_kwargs={**spec.actor_kwargs, "threads": threads,
-                                       "batch_size": spec.ray.batch_size},
-                compute=ActorPoolStrategy(min_size=spec.ray.num_actors, max_size=spec.ray.num_actors),
-                batch_size=spec.ray.batch_size,
-                batch_format="numpy",
-                num_cpus=cpus,
-                num_gpus=spec.ray.num_gpus or None,
-                # Ray 2.60's actor-pool default, pinned: a crashed actor restarts and its tasks
-                # are retried (at-least-once; the writer drops repeated keys).
-                max_restarts=-1,
-                max_task_retries=-1,
-            )
-            ds = ds.map_batches(spec.post, batch_size=spec.ray.batch_size, batch_format="numpy",
-                                num_cpus=stage_cpus)
-            status, reason = _drain(ds, writer, spec, len(pending), progress)
+            ds = build_dataset(spec, plan, run_id, ap)
+            status, reason = _drain(ds, commit, spec, plan.units, progress, t0, curve)
+        sync = reconcile(spec, run_id, state, plan, commit)
+        if state.small + commit.small >= commit_mod.AUTO_COMPACT_SHARDS:
+            sync.update(commit_mod.compact(spec.dst, run_id, spec.config.shard_size, spec.ray.address))
     except BaseException as e:
         status, reason = "failed", f"{type(e).__name__}: {e}"
-        if writer is not None:
-            writer.abort()
         lease.release()
-        _finish(spec, run_id, t0, t_list, listing, units, writer, {}, status, reason)
+        _finish(spec, run_id, t0, plan, state, commit, resources, curve, status, reason, {})
         raise
-    if writer is not None and status != "succeeded":
-        writer.abort()
-    try:
+    try:  # the lease is ours: all of _tmp is this run's
         storage.delete(storage.join(spec.dst, layout.TMP))
     except OSError as e:
-        log.warning("could not remove %s: %s", layout.TMP, e)
-    manifest = _finish(spec, run_id, t0, t_list, listing, units, writer, resources, status, reason)
+        log.warning("could not remove %s: %s", run_tmp, e)
+    manifest = _finish(spec, run_id, t0, plan, state, commit, resources, curve, status, reason, sync)
     lease.release()
     ok = status == "succeeded"
     return JobResult(ok=ok, manifest=manifest, exit_code=0 if ok else 1)
 
 
-def _drain(ds: Any, writer: ShardWriter, spec: JobSpec, n_units: int, progress: bool) -> tuple[str, str | None]:
+def _drain(ds: Any, commit: Commit, spec: JobSpec, n_units: int, progress: bool, t0: float,
+           curve: list[list[float]]) -> tuple[str, str | None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress)
-    units_done = 0
+    limit = spec.config.max_error_rate
+    last = 0.0
     with bar:
         task = bar.add_task(spec.job, total=n_units, info="")
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            writer.add_batch(batch)
-            units_done = writer.units_published
-            pend = writer.pending_counts()
-            ok = writer.counts["ok"] + pend["ok"]
-            err = writer.counts["error"] + pend["error"]
-            bar.update(task, completed=units_done, info=f"ok {ok} · error {err}")
-            if spec.max_error_rate < 1.0 and ok + err >= 1000 and err / (ok + err) > spec.max_error_rate:
-                return "failed", _rate_reason(err, ok + err, spec.max_error_rate)
-        if writer.open:
-            missing = sorted(writer.open)[:5]
-            return "failed", f"{len(writer.open)} shards did not deliver all rows (e.g. {missing})"
-        total = writer.rows_done
-        if spec.max_error_rate < 1.0 and total and writer.counts["error"] / total > spec.max_error_rate:
-            return "failed", _rate_reason(writer.counts["error"], total, spec.max_error_rate)
+        for meta in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            commit.add(meta)
+            commit.reap()
+            ok, err = commit.seen["ok"], commit.seen["error"]
+            bar.update(task, completed=commit.units_published, info=f"ok {ok} · error {err}")
+            if time.time() - last >= PROGRESS_EVERY_S:
+                last = time.time()
+                curve.append([round(last - t0, 2), commit.counts["ok"] + commit.counts["error"]])
+            if limit < 1.0 and ok + err >= 1000 and err / (ok + err) > limit:
+                commit.reap(wait=True)
+                return "failed", _rate_reason(err, ok + err, limit)
+        commit.reap(wait=True)
+        bar.update(task, completed=commit.units_published)
+    curve.append([round(time.time() - t0, 2), commit.counts["ok"] + commit.counts["error"]])
+    if commit.open:
+        missing = sorted(commit.open)[:5]
+        return "failed", f"{len(commit.open)} shards did not deliver all rows (e.g. {missing})"
+    total = commit.counts["ok"] + commit.counts["error"]
+    if limit < 1.0 and total and commit.counts["error"] / total > limit:
+        return "failed", _rate_reason(commit.counts["error"], total, limit)
     return "succeeded", None
 
 
@@ -257,18 +429,20 @@ def _rate_reason(err: int, total: int, limit: float) -> str:
             "stopped, rows already written are kept")
 
 
-def _finish(spec: JobSpec, run_id: str, t0: float, t_list: float, listing: sources.Listing,
-            units: list[sources.Unit], writer: ShardWriter | None, resources: dict[str, Any],
-            status: str, reason: str | None) -> dict[str, Any]:
+def _finish(spec: JobSpec, run_id: str, t0: float, plan: Plan, state: layout.DstState | None,
+            commit: Commit | None, resources: dict[str, Any], curve: list[list[float]],
+            status: str, reason: str | None, sync: dict[str, int]) -> dict[str, Any]:
     elapsed = time.time() - t0
-    counts = dict(writer.counts) if writer else {}
+    counts = commit.counts if commit else {}
     rows = counts.get("ok", 0) + counts.get("error", 0)
-    markers = layout.read_markers(spec.dst) if storage.exists(spec.dst) else {}
+    before = state.totals if state else {"rows": 0, "ok": 0, "error": 0}
+    republished = len(commit.names & set(state.done.shard_names)) if commit and state else 0
     dataset = {
-        "shards": len(markers),
-        "rows": sum(m.get("rows", 0) for m in markers.values()),
-        "ok": sum(m.get("ok", 0) for m in markers.values()),
-        "error": sum(m.get("error", 0) for m in markers.values()),
+        "shards": (state.shards if state else 0) + (commit.published if commit else 0) - republished
+        - sync.get("shards_deleted", 0),
+        "rows": before["rows"] + rows - sync.get("rows_removed", 0),
+        "ok": before["ok"] + counts.get("ok", 0) - sync.get("ok_removed", 0),
+        "error": before["error"] + counts.get("error", 0) - sync.get("error_removed", 0),
     }
     manifest = {
         "job": spec.job,
@@ -278,22 +452,34 @@ def _finish(spec: JobSpec, run_id: str, t0: float, t_list: float, listing: sourc
         "aejob_version": package_version(),
         "src": spec.src,
         "dst": spec.dst,
-        "config": spec.config,
+        "config": spec.resolved,
         "fingerprint": spec.fingerprint,
         "model": spec.model_info,
         "ray": {**asdict(spec.ray), **resources},
         "counts": {
-            "units_listed": len(units),
-            "shards_published": len(writer.published) if writer else 0,
+            "units_listed": plan.units + plan.units_done,
+            "units_pending": plan.units,
+            # the sync view of this run, in units (files or containers)
+            "new": plan.new,
+            "changed": plan.changed,
+            "unchanged": plan.units_done,
+            "deleted": sync.get("deleted", 0),
+            "gone_not_deleted": sync.get("gone", 0) - sync.get("deleted", 0),
+            "failed": counts.get("error", 0),
+            "shards_compacted": sync.get("shards_removed", 0),
+            "shards_published": commit.published if commit else 0,
             "rows_ok": counts.get("ok", 0),
             "rows_error": counts.get("error", 0),
-            "skipped_files": len(listing.skipped),
+            "skipped_files": plan.stats.skipped,
             "skipped_members": counts.get("skipped_members", 0),
             "duplicates_dropped": counts.get("duplicates_dropped", 0),
+            "bytes_written": counts.get("bytes", 0),
         },
+        "writers": commit.writers if commit else {},
         "dataset": dataset,
+        "progress": curve,
         "timings": {
-            "list_s": round(t_list, 3),
+            "list_s": round(plan.seconds, 3),
             "total_s": round(elapsed, 3),
             "rows_per_s": round(rows / elapsed, 3) if elapsed > 0 and rows else 0.0,
         },

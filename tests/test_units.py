@@ -9,32 +9,46 @@ import pytest
 import torch
 
 from pipeline import layout, runner
+from pipeline.actors import threads_for
 from pipeline.batch import normalize
 from pipeline.export import UnsafeKey, output_names, safe_relpath
 from pipeline.infer import DenoiseEngine, pick_device
 from pipeline.sources import Unit, plan_shards, shard_name_for
 
 
-def test_actor_resources_leave_room_for_cpu_stages() -> None:
-    cpus, threads = runner.actor_resources(runner.RayOptions(num_actors=1), cluster_cpus=2)
-    assert cpus == 1.0 and threads == 2
-    cpus, threads = runner.actor_resources(runner.RayOptions(num_actors=2), cluster_cpus=2)
-    assert cpus * 2 <= 1.0 and threads == 1
-    cpus, threads = runner.actor_resources(runner.RayOptions(num_actors=4), cluster_cpus=64)
-    assert cpus == 1.0 and threads == 16
-    # GPU actors: one CPU each unless asked, torch threads follow
-    cpus, threads = runner.actor_resources(runner.RayOptions(num_actors=2, num_gpus=1), cluster_cpus=16)
-    assert (cpus, threads) == (1.0, 1)
+def test_actor_plan_leaves_room_for_cpu_stages_and_scales_with_the_cluster() -> None:
+    # the 2-CPU local default: one 1-CPU actor (the CPU stages keep the other CPU), 2 threads
+    ap = runner.actor_plan(runner.RayOptions(), cluster_cpus=2)
+    assert (ap.cpus, ap.min_size, ap.max_size, ap.threads) == (1.0, 1, 1, 0)
+    assert threads_for(node_cpus=2, actors_on_node=ap.max_size) == 2
+    ap = runner.actor_plan(runner.RayOptions(num_actors=2), cluster_cpus=2)
+    assert ap.cpus * 2 <= 1.0 and ap.min_size == ap.max_size == 2
+    # a 64-CPU cluster scales the pool up to what it holds
+    ap = runner.actor_plan(runner.RayOptions(), cluster_cpus=64)
+    assert ap.min_size == 1 and ap.max_size == 48 and ap.cpus == 1.0
+    ap = runner.actor_plan(runner.RayOptions(max_actors=8), cluster_cpus=64)
+    assert ap.max_size == 8
+    # GPU actors: one CPU each unless asked; as many as the GPUs hold
+    ap = runner.actor_plan(runner.RayOptions(num_gpus=1), cluster_cpus=16, cluster_gpus=4)
+    assert (ap.cpus, ap.max_size) == (1.0, 4)
+    assert runner.actor_plan(runner.RayOptions(num_gpus=0.5, num_actors=3), 16, 4).max_size == 3
 
 
-def test_gpu_path_with_fakes(tiny_checkpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_come_from_the_node_not_the_cluster() -> None:
+    # 4 one-CPU actors on a 64-CPU cluster of 16 four-CPU nodes: the actors' own nodes decide
+    ap = runner.actor_plan(runner.RayOptions(num_actors=4), cluster_cpus=64)
+    assert ap.threads == 0  # not fixed by the driver: each actor asks its node
+    assert threads_for(node_cpus=4, actors_on_node=1) == 4
+    assert threads_for(node_cpus=4, actors_on_node=4) == 1
+    assert threads_for(node_cpus=64, actors_on_node=4) == 16  # one big node: shared four ways
+    assert threads_for(node_cpus=2, actors_on_node=3) == 1  # never 0
+    assert runner.actor_plan(runner.RayOptions(threads=3), cluster_cpus=64).threads == 3
+
+
+def test_engine_device_and_amp(tiny_checkpoint: str) -> None:
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     eng = DenoiseEngine(tiny_checkpoint, device="cpu")
     assert eng.amp is False  # AMP only on CUDA
-    # pretend the engine sits on a GPU: autocast must be requested for CUDA in float16
-    eng.amp = True
-    ctx = eng._autocast()
-    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.float16
 
 
 def test_safe_relpath_refuses_escapes() -> None:
@@ -73,17 +87,18 @@ def test_normalize_restores_object_columns() -> None:
 def test_prepare_refuses_other_settings_and_cleans_orphans(tmp_path: Path) -> None:
     dst = str(tmp_path / "d")
     st = layout.prepare(dst, {"format": "png"}, overwrite=False)
-    assert st.done_units == set()
+    assert len(st.done) == 0
     (tmp_path / "d" / "orphan.parquet").write_bytes(b"x")  # a file whose marker never came
-    layout.write_json(layout.marker_file(dst, "s1"), {"shard": "s1", "units": ["a", "b"]})
+    layout.write_json(layout.marker_file(dst, "s1"), {"shard": "s1", "units": ["a", "b"], "rows": 2, "ok": 2})
     (tmp_path / "d" / "s1.parquet").write_bytes(b"x")
     st = layout.prepare(dst, {"format": "png"}, overwrite=False)
-    assert st.removed_orphans == ["orphan"] and st.done_units == {"a", "b"}
+    assert st.removed_orphans == ["orphan"] and list(st.done.contains(["a", "b", "c"])) == [True, True, False]
+    assert st.shards == 1 and st.totals == {"rows": 2, "ok": 2, "error": 0}
     assert not (tmp_path / "d" / "orphan.parquet").exists()
     with pytest.raises(layout.DstError, match="format: 'png' -> 'webp'"):
         layout.prepare(dst, {"format": "webp"}, overwrite=False)
     st = layout.prepare(dst, {"format": "webp"}, overwrite=True)
-    assert st.done_units == set() and not (tmp_path / "d" / "s1.parquet").exists()
+    assert len(st.done) == 0 and not (tmp_path / "d" / "s1.parquet").exists()
 
 
 def test_lease_refuses_a_second_live_run(tmp_path: Path) -> None:
@@ -97,3 +112,21 @@ def test_lease_refuses_a_second_live_run(tmp_path: Path) -> None:
     second = layout.Lease(str(tmp_path), ttl_s=30)
     second.acquire()  # released: free again
     second.release()
+
+
+@pytest.mark.gpu
+def test_denoise_engine_on_a_real_gpu(tiny_checkpoint: str) -> None:
+    """The CUDA path end to end: AMP, pinned uploads, a device-filling batch, same result as CPU."""
+    from tests.conftest import make_image
+
+    imgs = [make_image(300, 200, seed=s, noise=20) for s in range(3)] + [make_image(1100, 700, seed=9, noise=20)]
+    gpu = DenoiseEngine(tiny_checkpoint, device="cuda", tile=256)
+    cpu = DenoiseEngine(tiny_checkpoint, device="cpu", tile=256)
+    assert gpu.device.type == "cuda" and gpu.amp and gpu.batch_size > 4
+    out_gpu, emb_gpu = gpu.denoise(imgs, sigma=20.0)
+    torch.cuda.synchronize()
+    out_cpu, emb_cpu = cpu.denoise(imgs, sigma=20.0)
+    for a, b in zip(out_gpu, out_cpu):
+        assert a.shape == b.shape and a.dtype == np.uint8
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0  # fp16 vs fp32: within a grey level
+    assert emb_gpu.shape == emb_cpu.shape and np.isfinite(emb_gpu).all()

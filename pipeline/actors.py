@@ -1,0 +1,241 @@
+"""The model stage's Ray Data actors, one home for all of them: each loads its model once.
+
+- ``DenoiseActor`` (``aejob clean``): denoiser + embedding, decoded rows in place;
+- ``CompressActor`` (``aejob compress``): learned codec, bitstream + PSNR per row;
+- ``DecompressActor`` (``aejob decompress``): bitstreams back to image files.
+
+Constructor arguments are plain values (an ``ObjectRef`` at most), so an actor that the pool
+restarts after a crash is rebuilt from the same arguments. Torch threads come from the CPUs of
+the node the actor runs on divided by the actors there (:func:`node_threads`), never from the
+cluster's total.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.metrics import psnr_uint8
+from pipeline import decode, storage
+from pipeline.batch import normalize, objects
+from pipeline.infer import DEFAULT_DENOISER, DenoiseEngine, Sigma, ok_rows, pixels_of
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+def threads_for(node_cpus: float, actors_on_node: int) -> int:
+    """Torch threads for one of ``actors_on_node`` model actors sharing a node of ``node_cpus``."""
+    return max(1, int(node_cpus // max(1, actors_on_node)))
+
+
+def node_threads(actor_cpus: float, pool_max: int, actor_class: str) -> int:
+    """Threads for this actor from its own node: CPUs there / model actors there.
+
+    Actors there are counted through Ray's state API when the dashboard runs; else estimated as
+    the pool's actors that fit on the node (``pool_max`` capped by CPUs / ``actor_cpus``).
+    """
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node_cpus = next((float(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                      if n.get("NodeID") == node_id and n.get("Alive")), float(os.cpu_count() or 1))
+    fit = int(node_cpus // actor_cpus) if actor_cpus > 0 else pool_max
+    here = max(1, min(pool_max, fit))
+    try:
+        from ray.util.state import list_actors
+
+        alive = list_actors(filters=[("node_id", "=", node_id), ("state", "=", "ALIVE")],
+                            raise_on_missing_output=False, timeout=5)
+        counted = sum(1 for a in alive if actor_class in str(a.class_name))
+        if counted:
+            here = max(1, min(here, counted)) if counted < here else counted
+    except Exception:  # no dashboard (local Ray without it): keep the estimate
+        pass
+    return threads_for(node_cpus, here)
+
+
+def set_threads(threads: int, actor_cpus: float, pool_max: int, actor_class: str) -> int:
+    """Apply ``threads`` (an explicit setting) or the node's share; returns what was set.
+
+    Ray gives fractional-CPU actors OMP_NUM_THREADS=1, so torch's threads are set explicitly.
+    """
+    if not threads:
+        try:
+            threads = node_threads(actor_cpus, pool_max, actor_class)
+        except Exception:  # not inside Ray (a plain engine in tests)
+            threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+class _ModelActor:
+    """Re-reads the node's share of threads now and then: pools grow and shrink with the cluster."""
+
+    RECHECK_S = 60.0
+
+    def _init_threads(self, threads: int, actor_cpus: float, pool_max: int) -> None:
+        self._fixed_threads = threads
+        self._actor_cpus, self._pool_max = actor_cpus, pool_max
+        self.threads = set_threads(threads, actor_cpus, pool_max, type(self).__name__)
+        self._checked = time.time()
+
+    def _recheck_threads(self) -> None:
+        if self._fixed_threads or time.time() - self._checked < self.RECHECK_S:
+            return
+        self._checked = time.time()
+        self.threads = set_threads(0, self._actor_cpus, self._pool_max, type(self).__name__)
+
+
+class DenoiseActor(_ModelActor):
+    """Ray Data callable class: loads the checkpoint once, denoises decoded rows in place."""
+
+    def __init__(
+        self,
+        checkpoint_ref: str = DEFAULT_DENOISER,
+        sigma: float | str | None = None,
+        threads: int = 0,
+        device: str = "auto",
+        tile: int = 512,
+        batch_size: int = 4,
+        ensemble: int = 1,
+        actor_cpus: float = 1.0,
+        pool_max: int = 1,
+    ) -> None:
+        self._init_threads(threads, actor_cpus, pool_max)
+        self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=self.threads, tile=tile,
+                                    batch_size=batch_size, ensemble=ensemble)
+        self.sigma = sigma
+        log.info("denoiser %s on %s, %d threads", self.engine.name, self.engine.device, self.threads)
+
+    def __call__(self, batch: Batch) -> Batch:
+        self._recheck_threads()
+        batch = normalize(batch)
+        n = len(batch["key"])
+        idx = ok_rows(batch)
+        emb: list[object] = [None] * n
+        pixels = list(batch["pixels"])
+        if idx:
+            sigma: Sigma = self.sigma
+            if sigma is None and "noise_sigma" in batch:  # auto: the CPU stage already estimated it
+                sigma = [float(batch["noise_sigma"][i]) for i in idx]
+            cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], sigma)
+            for j, i in enumerate(idx):
+                pixels[i] = cleaned[j].tobytes()
+                emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls
+        batch["pixels"] = objects(pixels)
+        batch["embedding"] = objects(emb)
+        batch["embedding_model"] = objects([self.engine.embedding_model if e is not None else None for e in emb])
+        batch["model"] = objects([self.engine.name] * n)
+        batch["checkpoint_sha256"] = objects([self.engine.sha256] * n)
+        return batch
+
+
+class CompressActor(_ModelActor):
+    """Loads the codec once; compresses decoded rows and measures what a user keeps (PSNR)."""
+
+    def __init__(self, checkpoint_ref: str, quality: int | None, keep_if_smaller: bool,
+                 threads: int = 0, device: str = "auto", batch_size: int = 1, actor_cpus: float = 1.0,
+                 pool_max: int = 1) -> None:
+        from models.codec import CodecEngine
+
+        del batch_size  # images are coded one at a time (each has its own size)
+        self._init_threads(threads, actor_cpus, pool_max)
+        # The codec runs on CPU: its entropy coding is CPU-bound and bit-exact there.
+        del device
+        self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device="cpu")
+        self.quality = quality if quality is not None else self.engine.default_quality
+        self.keep_if_smaller = keep_if_smaller
+        self.embedding_model = f"{self.engine.name}:latent-avg:{self.engine.sha256[:12]}"
+
+    def __call__(self, batch: Batch) -> Batch:
+        self._recheck_threads()
+        batch = normalize(batch)
+        n = len(batch["key"])
+        latent: list[object] = [None] * n
+        bpp = np.full(n, np.nan)
+        psnr = np.full(n, np.nan)
+        codec: list[object] = [None] * n
+        emb: list[object] = [None] * n
+        status, error = batch["status"].copy(), batch["error"].copy()
+        for i in ok_rows(batch):
+            img = pixels_of(batch, i)
+            try:
+                data = self.engine.compress(img, self.quality)
+                decoded = self.engine.decompress(data)
+                src = batch["source_data"][i] if "source_data" in batch else None
+                if self.keep_if_smaller and src is not None and len(src) <= len(data):
+                    latent[i], codec[i], psnr[i] = bytes(src), "original", float("inf")
+                else:
+                    latent[i], codec[i], psnr[i] = data, "aejob", _psnr(decoded, img)
+                bpp[i] = len(latent[i]) * 8 / (img.shape[0] * img.shape[1])  # type: ignore[arg-type]
+                emb[i] = self.engine.embed(img).astype(np.float32).tobytes()
+            except Exception as e:  # one image's failure is its row's error
+                status[i], error[i] = "error", f"compress failed: {type(e).__name__}: {e}"
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "exif", "source_data")}
+        out.update(
+            latent=objects(latent), bpp=bpp, psnr=psnr, codec=objects(codec), embedding=objects(emb),
+            embedding_model=objects([self.embedding_model if e is not None else None for e in emb]),
+            model=objects([self.engine.name] * n), checkpoint_sha256=objects([self.engine.sha256] * n),
+            status=status, error=error,
+        )
+        return out
+
+
+class DecompressActor(_ModelActor):
+    """Decodes latent bitstreams (or original bytes) and writes image files under ``out``."""
+
+    def __init__(self, checkpoint_ref: str, out: str, names: Any, fmt: str = "png",
+                 threads: int = 0, actor_cpus: float = 1.0, pool_max: int = 1) -> None:
+        from models.codec import CodecEngine
+
+        if not isinstance(names, dict):  # an ObjectRef: the map is stored once, not per actor
+            import ray
+
+            names = ray.get(names)
+        self._init_threads(threads, actor_cpus, pool_max)
+        self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device="cpu")
+        self.out, self.names, self.fmt = out, names, fmt
+
+    def __call__(self, batch: Batch) -> Batch:
+        from pipeline.encode import EncodeOptions, encode_image
+
+        batch = normalize(batch)
+        n = len(batch["key"])
+        status, error = [], []
+        for i in range(n):
+            key = str(batch["key"][i])
+            rel = self.names.get(key)
+            if batch["status"][i] != "ok" or rel is None:
+                status.append("skipped")
+                error.append(batch["error"][i] if batch["status"][i] != "ok" else "unsafe key")
+                continue
+            try:
+                data = batch["latent"][i]
+                if data is None:
+                    raise ValueError("no latent bytes")
+                if batch["codec"][i] == "original":
+                    img = decode.decode_image(bytes(data)).pixels
+                else:
+                    img = self.engine.decompress(bytes(data))
+                storage.write_bytes(storage.join(self.out, rel), encode_image(np.ascontiguousarray(img),
+                                                                                EncodeOptions(self.fmt)))
+                status.append("ok")
+                error.append(None)
+            except Exception as e:
+                status.append("error")
+                error.append(f"{type(e).__name__}: {e}")
+        return {"key": batch["key"], "status": objects(status), "error": objects(error)}
+
+
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """A stored row says inf for a lossless copy (never a made-up finite cap)."""
+    return psnr_uint8(a, b, identical=float("inf"))

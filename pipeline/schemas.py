@@ -1,0 +1,55 @@
+"""The Arrow schemas of DST's data files, one per job (the README's column list)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def _common_tail(embedding_dim: int) -> list[tuple[str, pa.DataType]]:
+    return [
+        ("embedding", pa.list_(pa.float32(), embedding_dim)),
+        ("embedding_model", pa.string()),
+    ]
+
+
+def clean_schema(embedding_dim: int) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.string()),
+        ("source_uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("note", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image", pa.large_binary()),
+        ("image_format", pa.string()),
+        *_common_tail(embedding_dim),
+        ("noise_sigma", pa.float32()),
+        ("source_sha256", pa.string()),
+        ("source_bytes", pa.int64()),
+        ("model", pa.string()),
+        ("checkpoint_sha256", pa.string()),
+        ("run_id", pa.string()),  # the run that wrote the row
+    ])
+
+
+def compress_schema(embedding_dim: int) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.string()),
+        ("source_uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("latent", pa.large_binary()),
+        ("bpp", pa.float64()),
+        ("psnr", pa.float64()),
+        ("codec", pa.string()),
+        ("note", pa.string()),
+        ("source_sha256", pa.string()),
+        ("source_bytes", pa.int64()),
+        *_common_tail(embedding_dim),
+        ("model", pa.string()),
+        ("checkpoint_sha256", pa.string()),
+        ("run_id", pa.string()),  # the run that wrote the row
+    ])
