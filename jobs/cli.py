@@ -29,6 +29,10 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        from pipeline.quiet import filter_ray_stderr
+
+        filter_ray_stderr()
 
 
 @train_app.command("denoiser")

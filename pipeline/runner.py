@@ -128,8 +128,10 @@ def init_ray(address: str = "") -> None:
         return
     verbose = _verbose()
     for name in ("ray", "ray.data", "ray.train"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data sets up its logging
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     address = address or os.environ.get("RAY_ADDRESS", "")
     env = worker_env()
     if env and not os.environ.get("RAY_JOB_ID"):  # a Ray Job's driver already has its runtime env

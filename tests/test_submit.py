@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -731,3 +733,77 @@ def test_cluster_job_without_aejob_fails_with_a_clear_message(ray_cluster, tmp_p
     assert ei.value.status == "FAILED"
     assert "aejob is not importable with" in ei.value.logs_tail
     assert "--working-dir" in ei.value.logs_tail
+
+
+# --------------------------------------------------------------------------- README
+
+
+def _readme_blocks(section: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```bash\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_readme_run_on_a_cluster_commands(image_folder, tmp_path):
+    """Runs the README's "Run on a cluster" commands as written, from a shell without the
+    venv on PATH, changing only what isolates this test: the dashboard port, the other ports
+    and a temp dir of its own on `ray start`, the paths, the submission id, and `ray stop`
+    (global: replaced by stopping exactly this cluster's processes)."""
+    local, kube = _readme_blocks("Run on a cluster")
+    commands = [c.strip() for c in local.splitlines() if c.strip()]
+    assert [shlex.split(c, comments=True)[0] for c in commands] == [
+        ".venv/bin/ray", ".venv/bin/aejob", ".venv/bin/ray", ".venv/bin/ray", ".venv/bin/ray",
+        ".venv/bin/aejob", ".venv/bin/ray"]
+    tmp = Path(tempfile.mkdtemp(prefix="aejob-rd-", dir="/tmp"))  # short: unix socket paths
+    marker = tmp.name
+    dash = _free_port()
+    env = _fresh_shell_env(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                           RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", AEJOB_TEST_CLUSTER=marker)
+    isolation = [f"--port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+                 f"--ray-client-server-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                 f"--temp-dir={tmp}", "--disable-usage-stats"]
+    dst = tmp_path / "clean"
+    sid = ""
+    outputs: list[subprocess.CompletedProcess] = []
+    try:
+        for line in commands:
+            argv = shlex.split(line.replace("8265", str(dash)), comments=True)
+            if argv[:2] == [".venv/bin/ray", "stop"]:
+                continue  # below: only this cluster's processes
+            argv[0] = str(VENV_BIN / Path(argv[0]).name)
+            argv = [{"./photos": str(image_folder), "./clean": str(dst)}.get(a, a) for a in argv]
+            argv = [sid if a == "SUBMISSION_ID" else a for a in argv]
+            if argv[1:3] == ["start", "--head"]:
+                argv += isolation
+            out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+            outputs.append(out)
+            assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+            if argv[1] == "submit":
+                sid, status = out.stdout.split()[-2:]
+                assert status == "SUCCEEDED"
+        assert sid in outputs[2].stdout + outputs[2].stderr  # ray job list
+        assert "succeeded" in (outputs[3].stdout + outputs[3].stderr).lower()  # ray job status
+        assert outputs[4].stdout.strip()  # ray job logs
+        assert (dst / "_report" / "report.html").is_file()
+        assert len(_dst_rows(dst)) == 6
+    finally:
+        left = _our_pids(marker, str(tmp))
+        _signal_all(left, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while (left := _our_pids(marker, str(tmp))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        _signal_all(left, signal.SIGKILL)
+        time.sleep(1)
+        survivors = _our_pids(marker, str(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not survivors, f"processes of the README cluster survived: {survivors}"
+    # the Kubernetes commands apply manifests that exist and parse (tests/test_infra.py checks them)
+    import yaml
+
+    files = re.findall(r"-f (infra/\S+)", kube)
+    assert {"infra/rayjob.yaml", "infra/raycronjob.yaml", "infra/cronjob.yaml"} <= set(files)
+    for f in files:
+        assert [d for d in yaml.safe_load_all((REPO / f).read_text()) if d], f

@@ -75,7 +75,7 @@ def test_three_run_sync_new_changed_deleted(tmp_path: Path, tiny_checkpoint: str
     third = rows(dst)
     assert set(third) == {f"im{i}.png" for i in range(9)} - {"im5.png"}
     # every raw reader agrees: DuckDB over the top-level files, one row per key
-    n, distinct = duckdb.sql(f"select count(*), count(distinct key) from read_parquet('{dst}/*.parquet')").fetchone()
+    n, distinct = duckdb.sql(f"select count(*), count(distinct key) from read_parquet('{dst}/*.parquet')").fetchall()[0]
     assert n == distinct == 8
     assert r3["dataset"]["rows"] == 8
     runs = sorted(json.loads(p.read_text())["counts"]["new"] for p in (dst / "_runs").glob("*.json"))
