@@ -403,6 +403,8 @@ def test_scheduled_specs_are_the_template_spec():
     expected["entrypoint"] = shlex.join(shlex.split(expected["entrypoint"]) + render.SYNC_EXTRA_ARGS)
     for where, spec in rayjob_specs()[1:]:
         assert spec == expected, where
+        # the scheduled run is a sync: rows of inputs gone from SRC are removed too
+        assert parse_aejob(shlex.split(spec["entrypoint"])).params["delete"] is True, where
 
 
 def test_generated_files_equal_the_renderer_output():
