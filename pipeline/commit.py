@@ -80,7 +80,8 @@ class Commit:
             raise layout.DstError("the DST lease was lost to another run; stopping before publishing")
         task = ray.remote(sink.publish_shard).options(num_cpus=PUBLISH_CPUS, max_retries=3)
         expected = {u: int(v["items"]) for u, v in st.units.items()}
-        ref = task.remote(self.spec.dst, self.run_id, st.name, sorted(st.parts), expected, self.spec.schema)
+        ref = task.remote(self.spec.dst, self.run_id, st.name, sorted(st.parts), expected, self.spec.schema,
+                          storage.job_env())
         self.publishing[ref] = st
 
     def reap(self, wait: bool = False) -> None:
@@ -172,7 +173,7 @@ def reconcile(spec: "JobSpec", run_id: str, state: layout.DstState, plan: "Plan"
 
         init_ray(spec.ray.address)
         task = ray.remote(sink.rewrite_shard).options(num_cpus=PUBLISH_CPUS, max_retries=3)
-        refs = [task.remote(spec.dst, run_id, name, hs) for name, hs, _m in rewrites]
+        refs = [task.remote(spec.dst, run_id, name, hs, storage.job_env()) for name, hs, _m in rewrites]
         for (name, hs, marker), res in zip(rewrites, ray.get(refs)):
             dropped = set(hs)
             units = marker.get("units", [])
@@ -233,7 +234,8 @@ def compact(dst: str, run_id: str, target_rows: int, address: str = "") -> dict[
         units = [u for m in g for u in m.get("units", [])]
         versions = [v for m in g for v in (m.get("versions") or [""] * len(m.get("units", [])))]
         name = shard_name_for(units, "file")
-        plans.append((g, name, units, versions, task.remote(dst, run_id, [m["shard"] for m in g], name)))
+        ref = task.remote(dst, run_id, [m["shard"] for m in g], name, storage.job_env())
+        plans.append((g, name, units, versions, ref))
     for g, name, units, versions, ref in plans:
         res = ray.get(ref)
         order = sorted(range(len(units)), key=units.__getitem__)

@@ -38,9 +38,6 @@ Batch = dict[str, np.ndarray]
 PLAN_FIRST_FILE_UNITS = 4  # plan files grow 4, 8, 16, ...: small jobs still get parallel reads
 PLAN_MAX_FILE_UNITS = 4096
 PROGRESS_EVERY_S = 2.0
-# Environment that workers need to reach storage, handed to them through the runtime env
-# (a cluster's workers do not inherit the driver's shell); values are never logged.
-WORKER_ENV_PREFIXES = ("AWS_", "AEJOB_")
 
 
 def package_version() -> str:
@@ -116,10 +113,6 @@ def _verbose() -> bool:
     return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
-def worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
-
-
 def init_ray(address: str = "") -> None:
     """Connect to RAY_ADDRESS / ``address`` or start a local Ray; Ray's own output only with -v."""
     import ray
@@ -133,9 +126,6 @@ def init_ray(address: str = "") -> None:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read when Ray Data sets up its logging
     kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     address = address or os.environ.get("RAY_ADDRESS", "")
-    env = worker_env()
-    if env and not os.environ.get("RAY_JOB_ID"):  # a Ray Job's driver already has its runtime env
-        kwargs["runtime_env"] = {"env_vars": env}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -276,11 +266,13 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     estimate from a measured rate (a short probe of the model on this machine)."""
     state = layout.read_state(spec.dst) if storage.exists(storage.join(spec.dst, layout.CONFIG)) else None
     plan = make_plan(spec, state.done if state else layout.DoneIndex(), None)
-    try:
-        init_ray(spec.ray.address)
-        cpus, gpus = cluster_resources()
-    except Exception:  # no cluster reachable: estimate for this machine
-        cpus, gpus = float(os.cpu_count() or 2), 0.0
+    cpus, gpus = float(os.cpu_count() or 2), 0.0  # a local run: this machine
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        try:
+            init_ray(spec.ray.address)
+            cpus, gpus = cluster_resources()
+        except Exception as e:  # no cluster reachable: estimate for this machine
+            log.warning("cluster not reachable (%s): estimating for this machine", e)
     ap = actor_plan(spec.ray, cpus, gpus)
     threads = ap.threads or max(1, int(cpus // ap.max_size))
     rate = spec.probe(threads)
@@ -315,7 +307,7 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    ctx.print_on_execution_start = _verbose()
     opts = spec.ray
     # CPU stages ask a different CPU amount than the actors so Ray does not fuse the decode into
     # the model actors (decode then runs in parallel with inference).
@@ -323,7 +315,8 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     fs, _ = storage.resolve(spec.dst)
     ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.files], filesystem=fs, num_cpus=stage_cpus)
     ds = ds.map_batches(sources.read_units, batch_size=4, batch_format="numpy",
-                        fn_kwargs={"image_column": spec.config.image_column}, num_cpus=stage_cpus)
+                        fn_kwargs={"image_column": spec.config.image_column, "env": storage.job_env()},
+                        num_cpus=stage_cpus)
     ds = ds.map_batches(spec.prepare, batch_size=opts.batch_size, batch_format="numpy", num_cpus=stage_cpus)
     ds = ds.map_batches(
         spec.actor_cls,
@@ -339,7 +332,8 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     )
     ds = ds.map_batches(spec.post, batch_size=opts.batch_size, batch_format="numpy", num_cpus=stage_cpus)
     return ds.map_batches(sink.write_parts, batch_size=16,  # type: ignore[arg-type] batch_format="numpy", num_cpus=stage_cpus,
-                          fn_kwargs={"dst": spec.dst, "run_id": run_id, "schema": spec.schema})
+                          fn_kwargs={"dst": spec.dst, "run_id": run_id, "schema": spec.schema,
+                                     "env": storage.job_env()})
 
 
 def run_job(spec: JobSpec, progress: bool = True) -> JobResult:

@@ -94,8 +94,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_parts(batch: Batch, dst: str, run_id: str, schema: pa.Schema) -> Batch:
+def write_parts(batch: Batch, dst: str, run_id: str, schema: pa.Schema, env: dict[str, str] | None = None) -> Batch:
     """Ray Data stage: write this batch's item rows as one part file per shard; return metadata."""
+    storage.apply_env(env)
     batch = normalize(batch)
     batch["run_id"] = objects([run_id] * len(batch["key"]))
     node = _node()
@@ -169,13 +170,14 @@ class ShardProgress:
 
 
 def publish_shard(dst: str, run_id: str, shard: str, parts: list[str],
-                  expected: dict[str, int], schema: pa.Schema) -> dict[str, Any]:
+                  expected: dict[str, int], schema: pa.Schema, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Merge a shard's parts into one file (repeated keys dropped), publish it whole, delete the parts.
 
     Runs as a Ray task on a worker. Returns the counts for the done-marker, or ``short`` when a
     unit has fewer distinct rows than it announced (parts of a retried task with another
     grouping overlap): the driver then waits for more parts.
     """
+    storage.apply_env(env)
     t0 = time.time()
     fs = storage.resolve(dst)[0]
     pdir = parts_dir(dst, run_id, shard)
@@ -214,10 +216,12 @@ def publish_shard(dst: str, run_id: str, shard: str, parts: list[str],
 
 
 
-def rewrite_shard(dst: str, run_id: str, shard: str, drop: list[int]) -> dict[str, Any]:
+def rewrite_shard(dst: str, run_id: str, shard: str, drop: list[int],
+                  env: dict[str, str] | None = None) -> dict[str, Any]:
     """Rewrite a published shard without the rows whose key hashes are in ``drop`` (a changed
     unit now lives in a newer shard, or its source was deleted), publishing the new file whole
     over the old one. Runs as a Ray task on a worker."""
+    storage.apply_env(env)
     fs = storage.resolve(dst)[0]
     final = storage.join(dst, shard + layout.DATA_SUFFIX)
     table = pq.read_table(storage.resolve(final)[1], filesystem=fs)
@@ -234,9 +238,11 @@ def rewrite_shard(dst: str, run_id: str, shard: str, drop: list[int]) -> dict[st
             "node": _node()}
 
 
-def merge_shards(dst: str, run_id: str, shards: list[str], name: str) -> dict[str, Any]:
+def merge_shards(dst: str, run_id: str, shards: list[str], name: str,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Merge published shard files into one new shard ``name`` (compaction), published whole.
     Runs as a Ray task on a worker; files of older releases (fewer columns) merge with nulls."""
+    storage.apply_env(env)
     fs = storage.resolve(dst)[0]
     tables = [pq.read_table(storage.resolve(storage.join(dst, s + layout.DATA_SUFFIX))[1], filesystem=fs)
               for s in shards]

@@ -627,14 +627,17 @@ def _text(v: Any) -> str:
     return str(v)
 
 
-def read_units(batch: dict[str, np.ndarray], image_column: str = "image") -> Iterator[dict[str, np.ndarray]]:
+def read_units(batch: dict[str, np.ndarray], image_column: str = "image",
+               env: dict[str, str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: plan rows (unit, uri, kind, shard[, version]) -> item rows with raw bytes.
 
     A generator yielding at most ``READ_CHUNK_ROWS`` rows (or about ``READ_CHUNK_BYTES``) per
     block; containers are streamed, so a worker holds one tar member or one small Parquet
     batch, never a whole container.
-    Every unit ends with one ``kind='meta'`` row (see :func:`unit_items`).
+    Every unit ends with one ``kind='meta'`` row (see :func:`unit_items`). ``env``: the
+    driver's storage settings (``storage.job_env``).
     """
+    storage.apply_env(env)
     versions = batch.get("version")
     pending: list[dict[str, Any]] = []
     nbytes = 0

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import threading
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -47,6 +48,35 @@ STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA"
                    "SNOW", "EXPRESS_ONEZONE")
 ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 _SDK_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+# Names whose values are credentials: never logged, never put where Ray logs them.
+SECRET_NAME_RE = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE|SESSION|AUTH|(^|_)KEY($|_)|APIKEY",
+    re.IGNORECASE,
+)
+NOT_SECRET = ("AEJOB_S3_SSE_KMS_KEY_ID",)  # a key's id, not key material
+
+
+def is_secret_name(name: str) -> bool:
+    """True for variable names that hold credentials (AWS_SECRET_ACCESS_KEY, *_TOKEN, ...)."""
+    return name not in NOT_SECRET and bool(SECRET_NAME_RE.search(name))
+
+
+JOB_ENV_PREFIXES = ("AWS_", "AEJOB_")
+
+
+def job_env() -> dict[str, str]:
+    """The storage settings of this process that workers must share: endpoint, region, aejob's
+    S3 write options. Handed to worker stages as an argument (never through Ray's runtime env,
+    which Ray writes into its logs); never credentials, which workers take from their own
+    environment (instance role, pod env, the shell that started the nodes)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(JOB_ENV_PREFIXES) and not is_secret_name(k)}
+
+
+def apply_env(env: dict[str, str] | None) -> None:
+    """On a worker: adopt the driver's storage settings (see :func:`job_env`)."""
+    for k, v in (env or {}).items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
 _lock = threading.Lock()
 
 

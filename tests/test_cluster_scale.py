@@ -126,3 +126,38 @@ def test_killing_a_worker_node_mid_job_keeps_every_key_exactly_once(cluster: Any
                        cwd=ROOT, capture_output=True, text=True)
     assert v.returncode == 0, v.stdout + v.stderr
     print(f"\nnode kill: first run exit {p.returncode}, rerun exit {p2.returncode}, {len(keys)} keys once each")
+
+
+SECRET = "aejob-test-secret-7f3k2q"
+
+
+@pytest.fixture
+def s3_secret(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto takes any; this one is easy to find
+    return {**s3_server, "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
+@pytest.mark.s3
+def test_s3_in_and_out_on_the_cluster_with_no_secret_in_rays_logs(s3_secret: dict[str, str], cluster: Any,
+                                                                  tiny_checkpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    # the nodes start from this environment (as a cluster's pods carry their own credentials);
+    # the driver hands them only the endpoint and region, never the secret
+    worker = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    s3 = boto3.client("s3", endpoint_url=s3_secret["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="aejob-cl")
+    for i in range(10):
+        s3.put_object(Bucket="aejob-cl", Key=f"in/{i}.png", Body=encode(make_image(48, 40, seed=i)))
+    p = driver(["clean", "s3://aejob-cl/in", "--out", "s3://aejob-cl/out", "--checkpoint", tiny_checkpoint, "--shard-size", "4"],
+               cluster.address, tmp_path / "rec.json")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out.decode()[-3000:]
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="aejob-cl", Prefix="out/")["Contents"])
+    assert [k for k in keys if k.count("/") == 1 and k.endswith(".parquet")] and not [k for k in keys if "_tmp" in k]
+    manifest = json.loads(s3.get_object(Bucket="aejob-cl", Key="out/_manifest.json")["Body"].read())
+    assert manifest["dataset"]["rows"] == 10 and set(manifest["writers"]) == {worker.node_id}
+    secret = SECRET.encode()
+    logs = [f for f in Path(cluster.head_node.get_session_dir_path(), "logs").rglob("*") if f.is_file()]
+    assert logs and not [f for f in logs if secret in f.read_bytes()]

@@ -106,3 +106,25 @@ def test_changed_container_replaces_its_shard(tmp_path: Path, tiny_checkpoint: s
     c = run(src, dst, tiny_checkpoint).manifest["counts"]
     assert c["changed"] == n_changed
     assert set(rows(dst)) == {"pack.tar/m/0.png", "pack.tar/m/1.png"}  # the shard was replaced whole
+
+
+def test_compact_merges_small_shards_and_resume_still_skips(tmp_path: Path, tiny_checkpoint: str,
+                                                             ray_local: Any) -> None:
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for night in range(4):  # four small "nightly" runs: one new file each → four 1-row shards
+        write(src / f"n{night}.png", night)
+        run(src, dst, tiny_checkpoint, shard_size=8)
+    assert len(list(dst.glob("*.parquet"))) == 4
+    res = CliRunner().invoke(app, ["compact", str(dst), "--target-rows", "8"])
+    assert res.exit_code == 0, res.output
+    files = list(dst.glob("*.parquet"))
+    assert len(files) == 1 and len(list((dst / "_markers").glob("*.json"))) == 1
+    assert set(rows(dst)) == {f"n{i}.png" for i in range(4)}
+    assert not (dst / "_lease.json").exists()
+    again = run(src, dst, tiny_checkpoint, shard_size=8).manifest["counts"]
+    assert (again["new"], again["changed"], again["unchanged"]) == (0, 0, 4)
