@@ -450,4 +450,5 @@ def register(train_app: typer.Typer) -> None:
             eval_every=eval_every, save_every=save_every, limit_images=limit_images,
         )
         result = run(cfg, workers=workers, use_gpu=gpu)
-        typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")
+        steps_done = result.get("steps", (result.get("metrics") or {}).get("step", "?"))  # in-process / Ray Train
+        typer.echo(f"done: {steps_done} steps; checkpoints in {out}")

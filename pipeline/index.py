@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -360,44 +360,46 @@ def index_bytes(dst: str) -> int:
 
 
 # ------------------------------------------------------------------------------- dedup / groups
-def _union_find(n: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:
-    parent = np.arange(n)
+def duplicate_groups(idx: SearchIndex, threshold: float, k: int = 10,
+                     priority: list[int] | None = None) -> list[list[int]]:
+    """Near-duplicate groups, each a kept member (first) and the rows scoring ≥ threshold with it.
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = int(parent[a])
-        return a
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
-
-
-def duplicate_groups(idx: SearchIndex, threshold: float, k: int = 10) -> list[list[int]]:
-    """Rows linked by a top-k neighbour scoring ≥ threshold, as connected groups (size ≥ 2)."""
+    Rows are taken in ``priority`` order (the preferred one to keep first; default row order);
+    each row not yet grouped becomes a centre and takes its not yet grouped top-k neighbours at
+    or above the threshold. Every member is thus a direct match of the kept one: no chaining
+    (single linkage merges whole photo collections through one borderline pair).
+    """
     n = len(idx)
-    edges: list[tuple[int, int]] = []
+    adj: list[list[int]] = [[] for _ in range(n)]
     for s in range(0, n, 1024):
         for i, hits in enumerate(idx.search(idx.vectors[s : s + 1024], k + 1), start=s):
-            edges.extend((i, j) for j, score in hits if j != i and score >= threshold)
-    roots = _union_find(n, edges)
-    members: dict[int, list[int]] = {}
-    for i, r in enumerate(roots):
-        members.setdefault(int(r), []).append(i)
-    return [m for m in members.values() if len(m) > 1]
+            for j, score in hits:
+                if j != i and score >= threshold:
+                    adj[i].append(j)
+                    adj[j].append(i)
+    grouped = np.zeros(n, bool)
+    groups = []
+    for r in priority if priority is not None else range(n):
+        if grouped[r] or not adj[r]:
+            continue
+        members = [r] + sorted({j for j in adj[r] if not grouped[j] and j != r})
+        if len(members) > 1:
+            grouped[members] = True
+            groups.append(members)
+    return groups
 
 
 def write_dedup(dst: str, idx: SearchIndex, threshold: float, k: int = 10) -> dict[str, Any]:
     """``DST/_dedup/groups.parquet`` (group, key, score = cosine to the kept member, keep) and
-    ``summary.json``. The kept member is the largest image (width*height), ties by key."""
-    groups = duplicate_groups(idx, threshold, k)
-    sizes = dst_sizes(dst) if groups else {}
+    ``summary.json``. The kept member is the largest image (width*height), ties by key; the
+    others are the images scoring at or above ``threshold`` with it."""
+    sizes = dst_sizes(dst)
+    # the largest image first (ties: key order): it becomes the kept member of its group
+    priority = sorted(range(len(idx)), key=lambda r: (-sizes.get(idx.keys[r], 0), idx.keys[r]))
+    groups = duplicate_groups(idx, threshold, k, priority)
     g_col, k_col, s_col, keep_col, px_col = [], [], [], [], []
-    for gi, rows in enumerate(sorted(groups, key=lambda m: min(idx.keys[r] for r in m))):
-        keeper = max(rows, key=lambda r: (sizes.get(idx.keys[r], 0), [-ord(c) for c in idx.keys[r]]))
+    for gi, rows in enumerate(sorted(groups, key=lambda m: idx.keys[m[0]])):
+        keeper = rows[0]
         for r in sorted(rows, key=lambda r: idx.keys[r]):
             g_col.append(gi)
             k_col.append(idx.keys[r])
