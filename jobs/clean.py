@@ -23,6 +23,7 @@ class CleanConfig(runner.JobConfig):
     checkpoint: str = infer.DEFAULT_DENOISER
     tile: int = 512
     ensemble: int = 1  # rotated/mirrored views averaged per tile (1, 2, 4, 8)
+    embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column
 
 
 def prepare_batch(batch: Batch, options: decode.DecodeOptions) -> Batch:
@@ -46,7 +47,8 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
     }
     if cfg.ensemble != 1:  # only then: datasets made before the option still resume
         fingerprint["ensemble"] = cfg.ensemble
-    dim = int(meta["config"]["channels"][-1])
+    emb_path, emb_id, dim = schemas.embedding_info(cfg.embedder)
+    fingerprint["embedding_model"] = emb_id  # an index never mixes two vector spaces
     return runner.JobSpec(
         job="clean",
         config=cfg,
@@ -55,9 +57,9 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
         actor_cls=actors.DenoiseActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "sigma": cfg.sigma, "device": cfg.device,
-                      "tile": cfg.tile, "ensemble": cfg.ensemble},
+                      "tile": cfg.tile, "ensemble": cfg.ensemble, "embedder": emb_path},
         post=partial(encode.encode_batch, options=enc),
-        probe=partial(probe, str(ck_path), cfg.ensemble),
+        probe=partial(probe, str(ck_path), cfg.ensemble, emb_path),
         ray=ray_opts,
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "steps": meta.get("steps"), "metrics": meta.get("metrics")},
@@ -65,7 +67,7 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
     )
 
 
-def probe(checkpoint_ref: str, ensemble: int, threads: int) -> float:
+def probe(checkpoint_ref: str, ensemble: int, embedder: str, threads: int) -> float:
     """Images/s of one denoise actor on a 768x512 photo-like image (for --dry-run's estimate)."""
     import time
 
@@ -75,7 +77,7 @@ def probe(checkpoint_ref: str, ensemble: int, threads: int) -> float:
     rng = np.random.default_rng(0)
     img = add_awgn_uint8(np.repeat(np.linspace(0, 255, 768, dtype=np.uint8)[None, :, None], 512, 0)
                          .repeat(3, 2), 15.0, seed=int(rng.integers(1 << 16)))
-    eng = infer.DenoiseEngine(checkpoint_ref, device="cpu", threads=threads, ensemble=ensemble)
+    eng = infer.DenoiseEngine(checkpoint_ref, device="cpu", threads=threads, ensemble=ensemble, embedder=embedder)
     eng.denoise_one(img[:64, :64])  # warm-up
     t = time.perf_counter()
     eng.denoise_one(img, sigma=estimate_sigma(img))

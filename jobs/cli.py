@@ -87,6 +87,7 @@ NumActorsOpt = Annotated[int, typer.Option(help="Fixed number of model actors (0
 MinActorsOpt = Annotated[int, typer.Option(help="Fewest model actors when scaling.")]
 MaxActorsOpt = Annotated[int, typer.Option(help="Most model actors when scaling (0: as many as the cluster's CPUs or GPUs hold).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+EmbedderOpt = Annotated[str, typer.Option(help="Copy-detection embedder for the embedding column (path or shipped name).")]
 
 
 def _sigma(value: str) -> float | str | None:
@@ -166,6 +167,7 @@ def clean(
     sigma: Annotated[str, typer.Option(help="Noise level: 'auto' (estimated per image), 'blind' (the network alone) or N in 0–255 units.")] = "auto",
     checkpoint: Annotated[str, typer.Option(help="Denoiser checkpoint (path or shipped name).")] = "denoiser-base",
     ensemble: Annotated[int, typer.Option(help="Average the model over 1, 2, 4 or 8 rotated/mirrored views (slower, a little cleaner).")] = 1,
+    embedder: EmbedderOpt = "embedder-base",
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
     num_actors: NumActorsOpt = 0,
     min_actors: MinActorsOpt = 1,
@@ -196,7 +198,8 @@ def clean(
     cfg = CleanConfig(src=src, dst=out, format=format, quality=quality, sigma=_sigma(sigma),
                       checkpoint=checkpoint, image_column=image_column, max_pixels=max_pixels,
                       shard_size=shard_size, max_error_rate=max_error_rate, limit=limit,
-                      overwrite=overwrite, device=device, ensemble=ensemble, delete=_delete(delete, limit))
+                      overwrite=overwrite, device=device, ensemble=ensemble, delete=_delete(delete, limit),
+                      embedder=embedder)
     spec = build_spec(cfg, _ray_options(num_actors, num_gpus, batch_size, threads, actor_cpus, address,
                                         min_actors, max_actors))
     _run_spec(spec, out, dry_run)
@@ -248,6 +251,7 @@ def compress(
     quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-ctx",
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
+    embedder: EmbedderOpt = "embedder-base",
     num_actors: NumActorsOpt = 0,
     min_actors: MinActorsOpt = 1,
     max_actors: MaxActorsOpt = 0,
@@ -269,7 +273,7 @@ def compress(
     cfg = CompressConfig(src=src, dst=out, quality=quality, checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
                          max_error_rate=max_error_rate, limit=limit, overwrite=overwrite,
-                         delete=_delete(delete, limit))
+                         delete=_delete(delete, limit), embedder=embedder)
     try:
         spec = build_spec(cfg, _ray_options(num_actors, 0.0, 1, threads, actor_cpus, address, min_actors, max_actors))
     except ValueError as e:

@@ -27,6 +27,7 @@ class CompressConfig(runner.JobConfig):
     quality: int | None = None  # None: the checkpoint's default rate point
     checkpoint: str = DEFAULT_CODEC
     keep_if_smaller: bool = False
+    embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column (as clean)
 
 
 def prepare_batch(batch: Batch, options: decode.DecodeOptions, keep_source: bool) -> Batch:
@@ -53,14 +54,15 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
         "job": "compress", "quality": quality, "model": meta["name"], "checkpoint_sha256": meta["sha256"],
         "keep_if_smaller": cfg.keep_if_smaller, "image_column": cfg.image_column, "max_pixels": cfg.max_pixels,
     }
-    dim = int(meta["config"]["latent_channels"])
+    emb_path, emb_id, dim = schemas.embedding_info(cfg.embedder)
+    fingerprint["embedding_model"] = emb_id
     return runner.JobSpec(
         job="compress", config=cfg, schema=schemas.compress_schema(dim), fingerprint=fingerprint,
         prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels),
                         keep_source=cfg.keep_if_smaller),
         actor_cls=actors.CompressActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "quality": quality, "keep_if_smaller": cfg.keep_if_smaller,
-                      "device": cfg.device},
+                      "device": cfg.device, "embedder": emb_path},
         post=passthrough, probe=partial(probe, str(ck_path), quality), ray=ray_opts,
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "quality": quality, "metrics": meta.get("metrics")},

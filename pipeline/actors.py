@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.embedder import DEFAULT_EMBEDDER
 from models.metrics import psnr_uint8
 from pipeline import decode, storage
 from pipeline.batch import normalize, objects
@@ -105,12 +106,13 @@ class DenoiseActor(_ModelActor):
         tile: int = 512,
         batch_size: int = 4,
         ensemble: int = 1,
+        embedder: str = DEFAULT_EMBEDDER,
         actor_cpus: float = 1.0,
         pool_max: int = 1,
     ) -> None:
         self._init_threads(threads, actor_cpus, pool_max)
         self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=self.threads, tile=tile,
-                                    batch_size=batch_size, ensemble=ensemble)
+                                    batch_size=batch_size, ensemble=ensemble, embedder=embedder)
         self.sigma = sigma
         log.info("denoiser %s on %s, %d threads", self.engine.name, self.engine.device, self.threads)
 
@@ -142,8 +144,9 @@ class CompressActor(_ModelActor):
 
     def __init__(self, checkpoint_ref: str, quality: int | None, keep_if_smaller: bool,
                  threads: int = 0, device: str = "auto", batch_size: int = 1, actor_cpus: float = 1.0,
-                 pool_max: int = 1) -> None:
+                 pool_max: int = 1, embedder: str = DEFAULT_EMBEDDER) -> None:
         from models.codec import CodecEngine
+        from models.embedder import EmbedderEngine
 
         del batch_size  # images are coded one at a time (each has its own size)
         self._init_threads(threads, actor_cpus, pool_max)
@@ -152,7 +155,8 @@ class CompressActor(_ModelActor):
         self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device="cpu")
         self.quality = quality if quality is not None else self.engine.default_quality
         self.keep_if_smaller = keep_if_smaller
-        self.embedding_model = f"{self.engine.name}:latent-avg:{self.engine.sha256[:12]}"
+        self.embedder = EmbedderEngine(embedder, device="cpu")  # the same vectors as `aejob clean`
+        self.embedding_model = self.embedder.model_id
 
     def __call__(self, batch: Batch) -> Batch:
         self._recheck_threads()
@@ -175,7 +179,7 @@ class CompressActor(_ModelActor):
                 else:
                     latent[i], codec[i], psnr[i] = data, "aejob", _psnr(decoded, img)
                 bpp[i] = len(latent[i]) * 8 / (img.shape[0] * img.shape[1])  # type: ignore[arg-type]
-                emb[i] = self.engine.embed(img).astype(np.float32).tobytes()
+                emb[i] = self.embedder.embed([img])[0].tobytes()
             except Exception as e:  # one image's failure is its row's error
                 status[i], error[i] = "error", f"compress failed: {type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items() if k not in ("pixels", "exif", "source_data")}

@@ -2,9 +2,9 @@
 
 The engine pads every image to the model's downsampling multiple and cuts large images into
 overlapping tiles, so memory is bounded by the tile size whatever the input size; tiles of all
-images in a batch are grouped by shape and run in mini-batches. The embedding is the encoder's
-bottleneck, pooled, on the cleaned image resized to a fixed size (so it does not depend on
-tiling or resolution).
+images in a batch are grouped by shape and run in mini-batches. The search embedding of the
+cleaned image comes from the copy-detection embedder (``models/embedder.py``), the same vector
+space that ``aejob compress`` writes.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from models import checkpoint
 from models.denoiser import ResUNetDenoiser
+from models.embedder import DEFAULT_EMBEDDER, EmbedderEngine
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DENOISER = "denoiser-base"
-EMBED_SIZE = 256
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -139,6 +139,7 @@ class DenoiseEngine:
         batch_size: int = 4,
         amp: bool = True,
         ensemble: int = 1,
+        embedder: str = DEFAULT_EMBEDDER,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -156,8 +157,11 @@ class DenoiseEngine:
         # tiles per forward pass are the engine's business); on CPU it is the given size.
         self.batch_size = gpu_tile_batch(self.tile, self.device) if self.device.type == "cuda" else max(1, batch_size)
         self.ensemble = check_ensemble(ensemble)
-        self.embedding_dim = int(ck.config.embedding_dim)
-        self.embedding_model = f"{self.name}:bottleneck-avg@{EMBED_SIZE}:{self.sha256[:12]}"
+        # The embedding is the copy-detection embedder's (models/embedder.py), in float32 on
+        # every device: vectors do not change with the denoiser, and clean and compress share them.
+        self.embedder = EmbedderEngine(embedder, device=self.device.type)
+        self.embedding_dim = self.embedder.dim
+        self.embedding_model = self.embedder.model_id
 
     def _autocast(self):  # type: ignore[no-untyped-def]
         if self.amp:
@@ -259,18 +263,11 @@ class DenoiseEngine:
             cleaned.append(arr.permute(1, 2, 0).contiguous().numpy())
         return cleaned, self.embed(cleaned)
 
-    @torch.inference_mode()
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """The search embedding of (cleaned) images: the copy-detection embedder's, float32."""
         if not images:
             return np.zeros((0, self.embedding_dim), np.float32)
-        x = torch.stack([
-            F.interpolate(self._to_tensor(img)[None], size=(EMBED_SIZE, EMBED_SIZE),
-                          mode="bilinear", antialias=True, align_corners=False)[0]
-            for img in images
-        ])
-        with self._autocast():
-            b = self.model.bottleneck(self._upload(x))
-        return self.model.embed(b).cpu().numpy().astype(np.float32)
+        return self.embedder.embed(images)
 
     def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
         return self.denoise([img], sigma, ensemble)[0][0]

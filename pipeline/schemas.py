@@ -53,3 +53,13 @@ def compress_schema(embedding_dim: int) -> pa.Schema:
         ("checkpoint_sha256", pa.string()),
         ("run_id", pa.string()),  # the run that wrote the row
     ])
+
+
+def embedding_info(embedder_ref: str) -> tuple[str, str, int]:
+    """(checkpoint path, ``embedding_model`` id, dimension) of an embedder checkpoint, from its
+    JSON sidecar (the id is what ``models.embedder.EmbedderEngine.model_id`` stores)."""
+    from models import checkpoint
+
+    path = checkpoint.resolve(embedder_ref)
+    meta = checkpoint.read_meta(path)
+    return str(path), f"{meta['name']}:{meta['sha256'][:12]}", int(meta["config"]["dim"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,7 @@ def test_compress_then_decompress(image_folder: Path, tmp_path: Path, codec: str
         r = rows[k]
         assert r["status"] == "ok" and r["codec"] == "aejob" and r["latent"][:4] == b"AEJB"
         assert r["bpp"] == pytest.approx(len(r["latent"]) * 8 / (r["width"] * r["height"]))
-        assert np.isfinite(r["psnr"]) and len(r["embedding"]) == 8
+        assert np.isfinite(r["psnr"]) and len(r["embedding"]) == 256  # embedder-base, as clean
     schema = pq.read_schema(next(dst.glob("*.parquet")))
     assert str(schema.field("latent").type) == "large_binary"
 
@@ -112,3 +113,28 @@ def test_decompress_finds_the_checkpoint_by_sha256(tiny_codec: str, tmp_path: Pa
     # every codec checkpoint ever shipped still ships: archives made with them must decode
     for name in ("codec-small", "codec-hyper", "codec-wide", DEFAULT_CODEC):
         assert checkpoint.resolve(name).exists()
+
+
+def test_clean_and_compress_write_the_same_embedding_space(image_folder: Path, tmp_path: Path, tiny_codec: str,
+                                                           tiny_checkpoint: str, ray_local: Any) -> None:
+    from jobs.clean import CleanConfig
+    from jobs.clean import build_spec as clean_spec
+    from models.embedder import EmbedderEngine
+    from pipeline.decode import decode_image
+
+    cfg = CompressConfig(src=str(image_folder), dst=str(tmp_path / "c"), checkpoint=tiny_codec)
+    assert runner.run_job(build_spec(cfg, runner.RayOptions()), progress=False).ok
+    assert runner.run_job(clean_spec(CleanConfig(src=str(image_folder), dst=str(tmp_path / "d"),
+                                                 checkpoint=tiny_checkpoint), runner.RayOptions()), progress=False).ok
+    eng = EmbedderEngine("embedder-base", device="cpu")
+    for dst in ("c", "d"):
+        rows = pads.dataset(str(tmp_path / dst), format="parquet").to_table(
+            columns=["key", "status", "embedding", "embedding_model"]).to_pylist()
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert ok and {r["embedding_model"] for r in ok} == {eng.model_id}
+        assert all(abs(np.linalg.norm(r["embedding"]) - 1) < 1e-4 for r in ok)
+    # compress embeds the source image: exactly what the embedder gives for it, float32 on CPU
+    row = next(r for r in pads.dataset(str(tmp_path / "c"), format="parquet").to_table().to_pylist()
+               if r["key"] == "a.png")
+    want = eng.embed([decode_image((image_folder / "a.png").read_bytes()).pixels])[0]
+    assert np.allclose(row["embedding"], want, atol=1e-6)
