@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 PLAN_FIRST_FILE_UNITS = 4  # plan files grow 4, 8, 16, ...: small jobs still get parallel reads
 PLAN_MAX_FILE_UNITS = 4096
+PLAN_ROWS_PER_BATCH = 16
 PROGRESS_EVERY_S = 2.0
 
 
@@ -300,6 +301,15 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
 # ---- run ----------------------------------------------------------------------------------
 
 
+def read_plan(batch: Batch, env: dict[str, str] | None = None) -> Iterator[Batch]:
+    """Ray Data stage: plan file URIs → plan rows, a few at a time."""
+    storage.apply_env(env)
+    for uri in batch["plan"]:
+        f = pq.ParquetFile(pa.BufferReader(storage.read_bytes(str(uri))))
+        for rb in f.iter_batches(batch_size=PLAN_ROWS_PER_BATCH):
+            yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
+
+
 def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     """read → decode → model → encode → write, as one streaming Ray Data pipeline."""
     import ray
@@ -312,8 +322,11 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     # CPU stages ask a different CPU amount than the actors so Ray does not fuse the decode into
     # the model actors (decode then runs in parallel with inference).
     stage_cpus = opts.cpu_stage_cpus if opts.cpu_stage_cpus != ap.cpus else ap.cpus / 2
-    fs, _ = storage.resolve(spec.dst)
-    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.files], filesystem=fs, num_cpus=stage_cpus)
+    # One row per plan file (the driver holds file names, never units); workers read the plan.
+    # (Not read_parquet: its listing task asks a whole CPU, which a 1-CPU node never frees.)
+    ds = ray.data.from_items([{"plan": f} for f in plan.files], override_num_blocks=len(plan.files))
+    ds = ds.map_batches(read_plan, batch_size=1, batch_format="numpy", num_cpus=stage_cpus,
+                        fn_kwargs={"env": storage.job_env()})
     ds = ds.map_batches(sources.read_units, batch_size=4, batch_format="numpy",
                         fn_kwargs={"image_column": spec.config.image_column, "env": storage.job_env()},
                         num_cpus=stage_cpus)

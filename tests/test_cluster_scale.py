@@ -161,3 +161,15 @@ def test_s3_in_and_out_on_the_cluster_with_no_secret_in_rays_logs(s3_secret: dic
     secret = SECRET.encode()
     logs = [f for f in Path(cluster.head_node.get_session_dir_path(), "logs").rglob("*") if f.is_file()]
     assert logs and not [f for f in logs if secret in f.read_bytes()]
+
+
+def test_a_one_cpu_worker_node_does_not_hang(cluster: Any, tmp_path: Path, tiny_checkpoint: str) -> None:
+    """Every stage fits beside the model actor on a single CPU (no task asks a whole one)."""
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    keys = make_photos(tmp_path / "src", 6, size=(40, 30))
+    p = driver(["clean", str(tmp_path / "src"), "--out", str(tmp_path / "dst"), "--checkpoint", tiny_checkpoint,
+                "--shard-size", "3"], cluster.address, tmp_path / "rec.json")
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out.decode()[-3000:]
+    assert keys_of(tmp_path / "dst") == keys
