@@ -174,8 +174,8 @@ def reconcile(spec: "JobSpec", run_id: str, state: layout.DstState, plan: "Plan"
         init_ray(spec.ray.address)
         task = ray.remote(sink.rewrite_shard).options(num_cpus=PUBLISH_CPUS, max_retries=3)
         refs = [task.remote(spec.dst, run_id, name, hs, storage.job_env()) for name, hs, _m in rewrites]
-        for (name, hs, marker), res in zip(rewrites, ray.get(refs)):
-            dropped = set(hs)
+        for (name, dropped_list, marker), res in zip(rewrites, ray.get(refs)):
+            dropped = set(dropped_list)
             units = marker.get("units", [])
             versions = marker.get("versions") or [""] * len(units)
             keep = [i for i, h in enumerate(layout.key_hashes(units)) if int(h) not in dropped]

@@ -324,7 +324,7 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     stage_cpus = opts.cpu_stage_cpus if opts.cpu_stage_cpus != ap.cpus else ap.cpus / 2
     # One row per plan file (the driver holds file names, never units); workers read the plan.
     # (Not read_parquet: its listing task asks a whole CPU, which a 1-CPU node never frees.)
-    ds = ray.data.from_items([{"plan": f} for f in plan.files], override_num_blocks=len(plan.files))
+    ds: Any = ray.data.from_items([{"plan": f} for f in plan.files], override_num_blocks=len(plan.files))
     ds = ds.map_batches(read_plan, batch_size=1, batch_format="numpy", num_cpus=stage_cpus,
                         fn_kwargs={"env": storage.job_env()})
     ds = ds.map_batches(sources.read_units, batch_size=4, batch_format="numpy",
@@ -344,7 +344,8 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
         num_gpus=opts.num_gpus or None,
     )
     ds = ds.map_batches(spec.post, batch_size=opts.batch_size, batch_format="numpy", num_cpus=stage_cpus)
-    return ds.map_batches(sink.write_parts, batch_size=16,  # type: ignore[arg-type] batch_format="numpy", num_cpus=stage_cpus,
+    write: Any = sink.write_parts
+    return ds.map_batches(write, batch_size=16, batch_format="numpy", num_cpus=stage_cpus,
                           fn_kwargs={"dst": spec.dst, "run_id": run_id, "schema": spec.schema,
                                      "env": storage.job_env()})
 
