@@ -43,7 +43,7 @@ def test_clean_folder_every_input_once(image_folder: Path, tmp_path: Path, tiny_
         assert r["status"] == "ok" and r["error"] is None, r
         img = Image.open(io.BytesIO(r["image"]))
         assert img.format == "PNG" and (img.width, img.height) == (r["width"], r["height"])
-        assert len(r["embedding"]) == 16 and abs(np.linalg.norm(r["embedding"]) - 1) < 1e-4
+        assert len(r["embedding"]) == 256 and abs(np.linalg.norm(r["embedding"]) - 1) < 1e-4
         assert r["source_bytes"] == (image_folder / k).stat().st_size
         assert r["model"] == "resunet-denoiser" and len(r["checkpoint_sha256"]) == 64
         assert r["noise_sigma"] >= 0
@@ -60,7 +60,7 @@ def test_clean_folder_every_input_once(image_folder: Path, tmp_path: Path, tiny_
     assert n == distinct == 6
     schema = pq.read_schema(next(dst.glob("*.parquet")))
     assert str(schema.field("image").type) == "large_binary"
-    assert str(schema.field("embedding").type).startswith("fixed_size_list<element: float>[16]")
+    assert str(schema.field("embedding").type).startswith("fixed_size_list<element: float>[256]")
 
 
 @pytest.mark.usefixtures("ray_local")
