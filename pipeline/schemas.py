@@ -4,41 +4,34 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+HEAD = [("key", pa.string()), ("source_uri", pa.string()), ("status", pa.string()), ("error", pa.string())]
+SOURCE = [("source_sha256", pa.string()), ("source_bytes", pa.int64())]
+TAIL = [("model", pa.string()), ("checkpoint_sha256", pa.string()),
+        ("run_id", pa.string())]  # run_id: the run that wrote the row
 
-def _common_tail(embedding_dim: int) -> list[tuple[str, pa.DataType]]:
-    return [
-        ("embedding", pa.list_(pa.float32(), embedding_dim)),
-        ("embedding_model", pa.string()),
-    ]
+
+def _embedding(embedding_dim: int) -> list[tuple[str, pa.DataType]]:
+    return [("embedding", pa.list_(pa.float32(), embedding_dim)), ("embedding_model", pa.string())]
 
 
 def clean_schema(embedding_dim: int) -> pa.Schema:
     return pa.schema([
-        ("key", pa.string()),
-        ("source_uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
+        *HEAD,
         ("note", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("image", pa.large_binary()),
         ("image_format", pa.string()),
-        *_common_tail(embedding_dim),
+        *_embedding(embedding_dim),
         ("noise_sigma", pa.float32()),
-        ("source_sha256", pa.string()),
-        ("source_bytes", pa.int64()),
-        ("model", pa.string()),
-        ("checkpoint_sha256", pa.string()),
-        ("run_id", pa.string()),  # the run that wrote the row
+        *SOURCE,
+        *TAIL,
     ])
 
 
 def compress_schema(embedding_dim: int) -> pa.Schema:
     return pa.schema([
-        ("key", pa.string()),
-        ("source_uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
+        *HEAD,
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("latent", pa.large_binary()),
@@ -46,12 +39,9 @@ def compress_schema(embedding_dim: int) -> pa.Schema:
         ("psnr", pa.float64()),
         ("codec", pa.string()),
         ("note", pa.string()),
-        ("source_sha256", pa.string()),
-        ("source_bytes", pa.int64()),
-        *_common_tail(embedding_dim),
-        ("model", pa.string()),
-        ("checkpoint_sha256", pa.string()),
-        ("run_id", pa.string()),  # the run that wrote the row
+        *SOURCE,
+        *_embedding(embedding_dim),
+        *TAIL,
     ])
 
 
