@@ -311,3 +311,13 @@ def test_kmeans_separates_clusters() -> None:
     for j in range(4):
         assert len(set(assign[j * 30 : (j + 1) * 30].tolist())) == 1
     assert len(set(assign.tolist())) == 4
+
+
+def test_dedup_groups_do_not_chain() -> None:
+    """A~B and B~C but not A~C: A keeps B; C is not pulled in through B."""
+    ang = np.deg2rad([0.0, 20.0, 40.0, 90.0])
+    v = np.stack([np.cos(ang), np.sin(ang)], 1).astype(np.float32)
+    idx = vindex.SearchIndex({"kind": "flat", "embedding_model": "m"}, np.arange(4, dtype=np.uint64),
+                             ["a", "b", "c", "d"], [""] * 4, v)
+    assert vindex.duplicate_groups(idx, float(np.cos(np.deg2rad(25))), k=3) == [[0, 1]]
+    assert vindex.duplicate_groups(idx, float(np.cos(np.deg2rad(25))), k=3, priority=[1, 0, 2, 3]) == [[1, 0, 2]]
