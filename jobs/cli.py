@@ -255,6 +255,7 @@ def compress(
     num_actors: NumActorsOpt = 0,
     min_actors: MinActorsOpt = 1,
     max_actors: MaxActorsOpt = 0,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0: CPU); the encoder's transforms run there, entropy coding on CPU.")] = 0.0,
     threads: ThreadsOpt = 0,
     actor_cpus: ActorCpusOpt = 0.0,
     image_column: ImageColumnOpt = "image",
@@ -266,6 +267,7 @@ def compress(
     delete: DeleteOpt = False,
     dry_run: DryRunOpt = False,
     address: AddressOpt = "",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Compress every image of SRC into entropy-coded latents in Parquet (one row per input)."""
     from jobs.compress import CompressConfig, build_spec
@@ -273,9 +275,9 @@ def compress(
     cfg = CompressConfig(src=src, dst=out, quality=quality, checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
                          max_error_rate=max_error_rate, limit=limit, overwrite=overwrite,
-                         delete=_delete(delete, limit), embedder=embedder)
+                         delete=_delete(delete, limit), embedder=embedder, device=device)
     try:
-        spec = build_spec(cfg, _ray_options(num_actors, 0.0, 1, threads, actor_cpus, address, min_actors, max_actors))
+        spec = build_spec(cfg, _ray_options(num_actors, num_gpus, 1, threads, actor_cpus, address, min_actors, max_actors))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     _run_spec(spec, out, dry_run)

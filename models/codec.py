@@ -440,6 +440,20 @@ def param_count(model: nn.Module, part: str = "") -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
+class OnDevice(nn.Module):
+    """Runs ``module`` on ``device`` (float32, no TF32) for CPU tensors in and out."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.module = module.to(device)
+        self.device = device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return self.module(x.pin_memory().to(self.device, non_blocking=True)).float().cpu()
+
+
 class CodecEngine:
     """Load a codec checkpoint once; compress/decompress/embed uint8 HxWx3 images."""
 
@@ -456,9 +470,14 @@ class CodecEngine:
         except EntropyCodingError as e:
             raise checkpoint.CheckpointError(f"{checkpoint_ref}: {e}") from e
         self.device = torch.device(device)
-        if self.device.type != "cpu":
-            raise ValueError("the codec engine runs on CPU (entropy coding is on CPU anyway)")
         self.model: FactorizedCodec = ck.model.eval()
+        if self.device.type != "cpu":
+            # Only the encoder's float transforms move: a stream's tables are chosen by integer
+            # networks on the decoded symbols (CPU, bit-exact), so where g_a/h_a ran cannot make
+            # a stream undecodable; decoding stays on CPU.
+            for name in ("g_a", "h_a"):
+                if hasattr(self.model, name):
+                    setattr(self.model, name, OnDevice(getattr(self.model, name), self.device))
         self.name = ck.name
         self.sha256 = ck.sha256
         self.path = ck.path

@@ -24,7 +24,7 @@ from models.embedder import DEFAULT_EMBEDDER
 from models.metrics import psnr_uint8
 from pipeline import decode, storage
 from pipeline.batch import normalize, objects
-from pipeline.infer import DEFAULT_DENOISER, DenoiseEngine, Sigma, ok_rows, pixels_of
+from pipeline.infer import DEFAULT_DENOISER, DenoiseEngine, Sigma, ok_rows, pick_device, pixels_of
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,9 @@ class CompressActor(_ModelActor):
 
         del batch_size  # images are coded one at a time (each has its own size)
         self._init_threads(threads, actor_cpus, pool_max)
-        # The codec runs on CPU: its entropy coding is CPU-bound and bit-exact there.
-        del device
-        self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device="cpu")
+        # On a GPU only the encoder's transforms run there; entropy coding and the decode that
+        # measures PSNR stay on CPU (bit-exact table choice), see models.codec.CodecEngine.
+        self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device=str(pick_device(device)))
         self.quality = quality if quality is not None else self.engine.default_quality
         self.keep_if_smaller = keep_if_smaller
         self.embedder = EmbedderEngine(embedder, device="cpu")  # the same vectors as `aejob clean`

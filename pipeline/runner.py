@@ -196,7 +196,7 @@ class Plan:
 def pending_units(spec: JobSpec, done: layout.DoneIndex, plan: Plan, chunk: int = 4096) -> Iterator[sources.Unit]:
     """SRC's new and changed units, streamed (the done check runs on chunks of hashes).
 
-    A unit is changed when its source version (size + mtime, or S3 size + ETag + LastModified)
+    A unit is changed when its source version (local mtime, or S3 ETag + LastModified)
     differs from the one its marker recorded; markers without versions count as unchanged.
     """
     it = sources.iter_units(spec.src, plan.stats)

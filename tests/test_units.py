@@ -130,3 +130,20 @@ def test_denoise_engine_on_a_real_gpu(tiny_checkpoint: str) -> None:
         assert a.shape == b.shape and a.dtype == np.uint8
         assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0  # fp16 vs fp32: within a grey level
     assert emb_gpu.shape == emb_cpu.shape and np.isfinite(emb_gpu).all()
+
+
+@pytest.mark.gpu
+def test_codec_encoder_on_a_real_gpu_decodes_on_cpu(tiny_hyper_codec: str) -> None:
+    """compress --num-gpus: g_a/h_a on CUDA; the stream decodes on a CPU-only engine."""
+    from models.codec import CodecEngine
+    from models.metrics import psnr_uint8
+    from tests.conftest import make_image
+
+    img = make_image(96, 64, seed=3)
+    gpu, cpu = CodecEngine(tiny_hyper_codec, device="cuda"), CodecEngine(tiny_hyper_codec)
+    stream = gpu.compress(img, 2)
+    out = cpu.decompress(stream)
+    ref = cpu.decompress(cpu.compress(img, 2))
+    assert out.shape == img.shape
+    assert abs(psnr_uint8(out, img) - psnr_uint8(ref, img)) < 0.1
+    assert abs(len(stream) - len(cpu.compress(img, 2))) <= max(8, len(stream) // 50)
