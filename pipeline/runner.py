@@ -38,6 +38,7 @@ Batch = dict[str, np.ndarray]
 PLAN_FIRST_FILE_UNITS = 4  # plan files grow 4, 8, 16, ...: small jobs still get parallel reads
 PLAN_MAX_FILE_UNITS = 4096
 PLAN_ROWS_PER_BATCH = 16
+BLOCK_BYTES = int(os.environ.get("AEJOB_BLOCK_BYTES", str(4 << 20)))
 PROGRESS_EVERY_S = 2.0
 
 
@@ -130,7 +131,9 @@ def init_ray(address: str = "") -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, **kwargs)
+        # "local": a new instance even when a `ray start` cluster runs on this machine (RAY_ADDRESS or
+        # --address choose a cluster)
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, **kwargs)
 
 
 def cluster_resources() -> tuple[float, float]:
@@ -318,6 +321,10 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = _verbose()
+    # Small blocks: Ray Data coalesces a stage's outputs up to target_max_block_size (128 MiB by
+    # default), which turned a whole shard of decoded images into one block, one actor task and
+    # one encode task in a row: no overlap of decode, inference and encode at all.
+    ctx.target_max_block_size = BLOCK_BYTES
     opts = spec.ray
     # CPU stages ask a different CPU amount than the actors so Ray does not fuse the decode into
     # the model actors (decode then runs in parallel with inference).
