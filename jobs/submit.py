@@ -53,6 +53,8 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline import storage
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -77,10 +79,7 @@ MASK = "****"
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names whose values are credentials: masked in logs, never forwarded unless explicit.
-_SECRET_NAME_RE = re.compile(
-    r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE|SESSION|AUTH|(^|_)KEY($|_)|APIKEY",
-    re.IGNORECASE,
-)
+_SECRET_NAME_RE = storage.SECRET_NAME_RE  # one definition: pipeline.storage
 
 
 class SubmitError(RuntimeError):

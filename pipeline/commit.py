@@ -50,6 +50,7 @@ class Commit:
     small: int = 0  # small shards this run published (compaction candidates)
     committed: list[np.ndarray] = field(default_factory=list)  # key hashes of the units published
     names: set[str] = field(default_factory=set)  # shards published by this run
+    env: dict[str, str] = field(default_factory=storage.job_env)  # storage settings for the workers
 
     def add(self, meta: Batch) -> None:
         touched = set()
@@ -81,7 +82,7 @@ class Commit:
         task = ray.remote(sink.publish_shard).options(num_cpus=PUBLISH_CPUS, max_retries=3)
         expected = {u: int(v["items"]) for u, v in st.units.items()}
         ref = task.remote(self.spec.dst, self.run_id, st.name, sorted(st.parts), expected, self.spec.schema,
-                          storage.job_env())
+                          self.env)
         self.publishing[ref] = st
 
     def reap(self, wait: bool = False) -> None:

@@ -22,6 +22,7 @@ import io
 import logging
 import socket
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,7 +111,7 @@ def write_parts(batch: Batch, dst: str, run_id: str, schema: pa.Schema, env: dic
         if items:
             keys = sorted(str(batch["key"][i]) for i in items)
             part = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20] + layout.DATA_SUFFIX
-            data = parquet_bytes(to_table(batch, items, schema))
+            data = parquet_bytes(to_table(batch, items, schema).sort_by("key"))
             storage.write_bytes(storage.join(parts_dir(dst, run_id, shard), part), data)
             nbytes = len(data)
         units: dict[str, dict[str, Any]] = {}
@@ -165,8 +166,28 @@ class ShardProgress:
         return len(self.units) >= self.n_units and all(
             u["items"] is not None and self.received(k) >= u["items"] for k, u in self.units.items())
 
-    def counts(self) -> dict[str, int]:
-        return {"rows": sum(self.received(k) for k in self.units)}
+
+def _read(uri: str, schema: pa.Schema | None = None) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, schema=schema)
+
+
+def _publish_table(dst: str, run_id: str, table: pa.Table, name: str, src: str | None = None) -> dict[str, Any]:
+    """Publish ``table`` whole as DST/<name>.parquet: written under the run's ``_tmp/`` first (or
+    ``src``, a file that already holds exactly ``table``), then moved over the final name.
+    Returns the counts a marker records."""
+    fs = storage.resolve(dst)[0]
+    if src is None:
+        src = storage.join(dst, layout.TMP, run_id, f"{name}.{uuid.uuid4().hex[:8]}{layout.DATA_SUFFIX}")
+        data = parquet_bytes(table)
+        storage.write_bytes(src, data)
+        nbytes = len(data)
+    else:
+        nbytes = int(fs.get_file_info(storage.resolve(src)[1]).size or 0)
+    storage.publish(fs, storage.resolve(src)[1], storage.resolve(storage.join(dst, name + layout.DATA_SUFFIX))[1])
+    status = table.column("status").to_pylist()
+    ok = sum(1 for s in status if s == "ok")
+    return {"rows": table.num_rows, "ok": ok, "error": len(status) - ok, "bytes": nbytes, "node": _node()}
 
 
 def publish_shard(dst: str, run_id: str, shard: str, parts: list[str],
@@ -179,10 +200,8 @@ def publish_shard(dst: str, run_id: str, shard: str, parts: list[str],
     """
     storage.apply_env(env)
     t0 = time.time()
-    fs = storage.resolve(dst)[0]
     pdir = parts_dir(dst, run_id, shard)
-    tables = [pq.read_table(storage.resolve(storage.join(pdir, p))[1], filesystem=fs, schema=schema)
-              for p in parts]
+    tables = [_read(storage.join(pdir, p), schema) for p in parts]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     keys = table.column("key").to_pylist()
     first: dict[str, int] = {}
@@ -195,25 +214,12 @@ def publish_shard(dst: str, run_id: str, shard: str, parts: list[str],
     # means a part is still missing (keys of Parquet inputs need not name their unit).
     if len(first) < sum(expected.values()):
         return {"shard": shard, "short": sum(expected.values()) - len(first), "node": _node()}
-    table = table.sort_by("key")
-    status = table.column("status").to_pylist()
-    final = storage.join(dst, shard + layout.DATA_SUFFIX)
-    if len(parts) == 1 and not duplicates and keys == sorted(keys):
-        src = storage.join(pdir, parts[0])  # already the whole shard: publish without rewriting
-        nbytes = fs.get_file_info(storage.resolve(src)[1]).size
-    else:
-        src = storage.join(dst, layout.TMP, run_id, f"{shard}{layout.DATA_SUFFIX}")
-        data = parquet_bytes(table)
-        storage.write_bytes(src, data)
-        nbytes = len(data)
-    storage.publish(fs, storage.resolve(src)[1], storage.resolve(final)[1])
+    # Parts are sorted by key (write_parts): a shard that arrived in one part is published as is.
+    whole = storage.join(pdir, parts[0]) if len(parts) == 1 and not duplicates else None
+    res = _publish_table(dst, run_id, table if whole else table.sort_by("key"), shard, whole)
     storage.delete(pdir)
-    return {
-        "shard": shard, "short": None, "node": _node(), "rows": table.num_rows,
-        "ok": sum(1 for s in status if s == "ok"), "error": sum(1 for s in status if s != "ok"),
-        "bytes": int(nbytes or 0), "duplicates_dropped": duplicates, "seconds": round(time.time() - t0, 3),
-    }
-
+    return {**res, "shard": shard, "short": None, "duplicates_dropped": duplicates,
+            "seconds": round(time.time() - t0, 3)}
 
 
 def rewrite_shard(dst: str, run_id: str, shard: str, drop: list[int],
@@ -222,20 +228,10 @@ def rewrite_shard(dst: str, run_id: str, shard: str, drop: list[int],
     unit now lives in a newer shard, or its source was deleted), publishing the new file whole
     over the old one. Runs as a Ray task on a worker."""
     storage.apply_env(env)
-    fs = storage.resolve(dst)[0]
-    final = storage.join(dst, shard + layout.DATA_SUFFIX)
-    table = pq.read_table(storage.resolve(final)[1], filesystem=fs)
-    hashes = layout.key_hashes(table.column("key").to_pylist())
-    keep = ~np.isin(hashes, np.asarray(drop, np.uint64))
-    table = table.filter(pa.array(keep))
-    data = parquet_bytes(table)
-    tmp = storage.join(dst, layout.TMP, run_id, f"{shard}.rewrite{layout.DATA_SUFFIX}")
-    storage.write_bytes(tmp, data)
-    storage.publish(fs, storage.resolve(tmp)[1], storage.resolve(final)[1])
-    status = table.column("status").to_pylist()
-    return {"shard": shard, "rows": table.num_rows, "dropped": int((~keep).sum()), "bytes": len(data),
-            "ok": sum(1 for s in status if s == "ok"), "error": sum(1 for s in status if s != "ok"),
-            "node": _node()}
+    table = _read(storage.join(dst, shard + layout.DATA_SUFFIX))
+    keep = ~np.isin(layout.key_hashes(table.column("key").to_pylist()), np.asarray(drop, np.uint64))
+    res = _publish_table(dst, run_id, table.filter(pa.array(keep)), shard)
+    return {**res, "shard": shard, "dropped": int((~keep).sum())}
 
 
 def merge_shards(dst: str, run_id: str, shards: list[str], name: str,
@@ -243,14 +239,5 @@ def merge_shards(dst: str, run_id: str, shards: list[str], name: str,
     """Merge published shard files into one new shard ``name`` (compaction), published whole.
     Runs as a Ray task on a worker; files of older releases (fewer columns) merge with nulls."""
     storage.apply_env(env)
-    fs = storage.resolve(dst)[0]
-    tables = [pq.read_table(storage.resolve(storage.join(dst, s + layout.DATA_SUFFIX))[1], filesystem=fs)
-              for s in shards]
-    table = pa.concat_tables(tables, promote_options="default").sort_by("key")
-    data = parquet_bytes(table)
-    tmp = storage.join(dst, layout.TMP, run_id, f"{name}.merge{layout.DATA_SUFFIX}")
-    storage.write_bytes(tmp, data)
-    storage.publish(fs, storage.resolve(tmp)[1], storage.resolve(storage.join(dst, name + layout.DATA_SUFFIX))[1])
-    status = table.column("status").to_pylist()
-    return {"rows": table.num_rows, "bytes": len(data), "ok": sum(1 for s in status if s == "ok"),
-            "error": sum(1 for s in status if s != "ok"), "node": _node()}
+    tables = [_read(storage.join(dst, s + layout.DATA_SUFFIX)) for s in shards]
+    return _publish_table(dst, run_id, pa.concat_tables(tables, promote_options="default").sort_by("key"), name)
