@@ -9,10 +9,7 @@ from typing import Any
 import numpy as np
 
 from models import checkpoint
-from pipeline import actors, decode, encode, infer, runner, schemas
-from pipeline.batch import normalize
-
-Batch = dict[str, np.ndarray]
+from pipeline import actors, decode, encode, infer, runner, schemas, stages
 
 
 @dataclass(frozen=True)
@@ -24,11 +21,6 @@ class CleanConfig(runner.JobConfig):
     tile: int = 512
     ensemble: int = 1  # rotated/mirrored views averaged per tile (1, 2, 4, 8)
     embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column
-
-
-def prepare_batch(batch: Batch, options: decode.DecodeOptions) -> Batch:
-    """CPU stage: decode + validate, then estimate each image's noise level."""
-    return infer.estimate_noise_batch(normalize(decode.decode_batch(normalize(batch), options)))
 
 
 def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
@@ -54,7 +46,7 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         config=cfg,
         schema=schemas.clean_schema(dim),
         fingerprint=fingerprint,
-        prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
+        prepare=partial(stages.clean_prepare, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
         actor_cls=actors.DenoiseActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "sigma": cfg.sigma, "device": cfg.device,
                       "tile": cfg.tile, "ensemble": cfg.ensemble, "embedder": emb_path},
@@ -72,7 +64,7 @@ def probe(checkpoint_ref: str, ensemble: int, embedder: str, threads: int) -> fl
     import time
 
     from models.noise import add_awgn_uint8
-    from pipeline.infer import estimate_sigma
+    from pipeline.noise_level import estimate_sigma
 
     rng = np.random.default_rng(0)
     img = add_awgn_uint8(np.repeat(np.linspace(0, 255, 768, dtype=np.uint8)[None, :, None], 512, 0)

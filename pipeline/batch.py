@@ -40,3 +40,15 @@ def normalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         else:
             out[name] = objects([None if _missing(v) else v for v in col])
     return out
+
+
+def pixels_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
+
+
+def ok_rows(batch: dict[str, np.ndarray]) -> list[int]:
+    return [
+        i for i in range(len(batch["key"]))
+        if batch["status"][i] == "ok" and batch["kind"][i] == "item" and batch["pixels"][i] is not None
+    ]

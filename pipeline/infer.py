@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from models import checkpoint
 from models.denoiser import ResUNetDenoiser
 from models.embedder import DEFAULT_EMBEDDER, EmbedderEngine
+from pipeline.batch import ok_rows, pixels_of
+from pipeline.noise_level import estimate_sigma, estimate_sigma_pca
+
+__all__ = ["DEFAULT_DENOISER", "DenoiseEngine", "estimate_sigma", "estimate_sigma_pca", "ok_rows", "pixels_of"]
 
 log = logging.getLogger(__name__)
 
@@ -32,56 +36,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def estimate_sigma(img: np.ndarray, crop: int = 512) -> float:
-    """Noise sigma (0–255 units) of a uint8 RGB image: wavelet MAD (scikit-image), centre crop.
-
-    Textured clean images read a few units high; it is a report and a guide, not the model's
-    input (the model runs blind unless ``--sigma`` is given).
-    """
-    from skimage.restoration import estimate_sigma as _est
-
-    h, w = img.shape[:2]
-    if h < 8 or w < 8:
-        return 0.0
-    y, x = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
-    c = img[y : y + crop, x : x + crop].astype(np.float32)
-    return float(_est(c, channel_axis=-1, average_sigmas=True))
-
-
-def estimate_sigma_pca(img: np.ndarray, patch: int = 7, crop: int = 384, stride: int = 3) -> float:
-    """Noise sigma (0–255) from the smallest eigenvalue of the covariance of weakly textured
-    patches (after Pyatykh et al., 2013), per channel, averaged.
-
-    Unlike the wavelet estimate it stays near 0 on clean but textured photos, which makes it
-    the right test for "is this image already clean?". It reads low at high noise (the
-    flattest patches are picked partly for their low noise), so it is not used as the level.
-    """
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    h, w = img.shape[:2]
-    if h < 4 * patch or w < 4 * patch:
-        return 0.0
-    y, x = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
-    c = img[y : y + crop, x : x + crop].astype(np.float32)
-    out = []
-    for ch in range(c.shape[2]):
-        p = sliding_window_view(c[..., ch], (patch, patch))[::stride, ::stride].reshape(-1, patch * patch)
-        p = p[(p.min(1) > 0) & (p.max(1) < 255)]  # clipped patches understate the noise
-        if len(p) < 4 * patch * patch:
-            continue
-        var = p.var(1)
-        est = None
-        for q in (1.0, 0.5, 0.25, 0.1):  # flatter and flatter patches: texture stops inflating it
-            sel = p[var <= np.quantile(var, q)]
-            if len(sel) < 2 * patch * patch:
-                break
-            ev = np.linalg.eigvalsh(np.cov(sel, rowvar=False))
-            est = float(np.sqrt(max(ev[0], 0.0)))
-        if est is not None:
-            out.append(est)
-    return float(np.mean(out)) if out else 0.0
 
 
 Sigma = float | str | Sequence[float | None] | None
@@ -271,24 +225,3 @@ class DenoiseEngine:
 
     def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
         return self.denoise([img], sigma, ensemble)[0][0]
-
-
-def pixels_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray:
-    h, w = int(batch["height"][i]), int(batch["width"][i])
-    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
-
-
-def ok_rows(batch: dict[str, np.ndarray]) -> list[int]:
-    return [
-        i for i in range(len(batch["key"]))
-        if batch["status"][i] == "ok" and batch["kind"][i] == "item" and batch["pixels"][i] is not None
-    ]
-
-
-def estimate_noise_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """CPU stage: the ``noise_sigma`` column (NaN for rows that are not decoded images)."""
-    sig = np.full(len(batch["key"]), np.nan, dtype=np.float32)
-    for i in ok_rows(batch):
-        sig[i] = estimate_sigma(pixels_of(batch, i))
-    batch["noise_sigma"] = sig
-    return batch
