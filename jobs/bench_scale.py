@@ -137,20 +137,27 @@ def planning_only(work: Path, n: int, checkpoint: str) -> dict[str, Any]:
     return {**b, "runs": runs, "bytes_per_key": (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["keys"] - a["keys"])}
 
 
+PARTS = ("write_share", "memory", "planning")
+
+
 def bench_scale(photos: str, out: str, checkpoint: str, sizes: tuple[int, int], plan_keys: int,
-                photo_limit: int) -> dict[str, Any]:
+                photo_limit: int, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Runs the chosen parts; a part not run keeps its entry from an earlier bench_scale.json in
+    ``out`` (each part records when it was measured)."""
+    path = Path(out) / "bench_scale.json"
+    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     work = Path(tempfile.mkdtemp(prefix="aejob-scale-"))
+    runs = {"write_share": lambda: write_share(photos, work, checkpoint, photo_limit),
+            "memory": lambda: memory_per_key(work, sizes, checkpoint),
+            "planning": lambda: planning_only(work, plan_keys, checkpoint)}
     try:
-        report = {
-            "write_share": write_share(photos, work, checkpoint, photo_limit),
-            "memory": memory_per_key(work, sizes, checkpoint),
-            "planning": planning_only(work, plan_keys, checkpoint),
-            "machine": {"cpus": os.cpu_count()},
-        }
+        for part in parts:
+            report[part] = {**runs[part](), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "bench_scale.json").write_text(json.dumps(report, indent=2))
+    report["machine"] = {"cpus": os.cpu_count()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -164,24 +171,33 @@ def register(bench_app: typer.Typer) -> None:
         large: Annotated[int, typer.Option(help="Inputs of the larger memory run.")] = 100_000,
         plan_keys: Annotated[int, typer.Option(help="Keys in the planning-only run.")] = 1_000_000,
         photos: Annotated[int, typer.Option(help="Photos in the write-share run.")] = 40,
+        only: Annotated[str, typer.Option(help="Comma-separated parts to run (write_share, memory, planning); "
+                                               "the others keep their entries from OUT/bench_scale.json.")] = "",
     ) -> None:
         """Driver write share on a two-node cluster, driver memory per key, planning at 1M keys."""
         from rich.console import Console
         from rich.table import Table
 
-        r = bench_scale(data, out, checkpoint, (small, large), plan_keys, photos)
+        parts = tuple(p.strip() for p in only.split(",") if p.strip()) or PARTS
+        bad = [p for p in parts if p not in PARTS]
+        if bad:
+            raise typer.BadParameter(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
+        r = bench_scale(data, out, checkpoint, (small, large), plan_keys, photos, parts)
         t = Table(title="aejob driver at scale")
         for c in ("measure", "value"):
             t.add_column(c)
-        ws = r["write_share"]
-        t.add_row(f"driver wchar / DST bytes ({ws['images']} photos, 2-node cluster)",
-                  f"{ws['driver_wchar']:,} / {ws['dst_bytes']:,} = {ws['driver_share']:.2%}")
-        for run in r["memory"]["runs"]:
-            t.add_row(f"{run['inputs']:,} inputs: driver peak RSS / list s / rows/s",
-                      f"{run['peak_rss_bytes'] / 2**20:.0f} MiB / {run['list_s']:.1f} / {run['rows_per_s']:.0f}")
-        t.add_row("driver bytes per key (peak RSS growth)", f"{r['memory']['bytes_per_key']:.1f}")
-        for p in r["planning"]["runs"]:
-            t.add_row(f"--dry-run over {p['keys']:,} keys: peak RSS / listing s",
-                      f"{p['peak_rss_bytes'] / 2**20:.0f} MiB / {p['listing_s']:.1f}")
-        t.add_row("planning bytes per key (peak RSS growth)", f"{r['planning']['bytes_per_key']:.1f}")
+        if "write_share" in r:
+            ws = r["write_share"]
+            t.add_row(f"driver wchar / DST bytes ({ws['images']} photos, 2-node cluster)",
+                      f"{ws['driver_wchar']:,} / {ws['dst_bytes']:,} = {ws['driver_share']:.2%}")
+        if "memory" in r:
+            for run in r["memory"]["runs"]:
+                t.add_row(f"{run['inputs']:,} inputs: driver peak RSS / list s / rows/s",
+                          f"{run['peak_rss_bytes'] / 2**20:.0f} MiB / {run['list_s']:.1f} / {run['rows_per_s']:.0f}")
+            t.add_row("driver bytes per key (peak RSS growth)", f"{r['memory']['bytes_per_key']:.1f}")
+        if "planning" in r:
+            for p in r["planning"]["runs"]:
+                t.add_row(f"--dry-run over {p['keys']:,} keys: peak RSS / listing s",
+                          f"{p['peak_rss_bytes'] / 2**20:.0f} MiB / {p['listing_s']:.1f}")
+            t.add_row("planning bytes per key (peak RSS growth)", f"{r['planning']['bytes_per_key']:.1f}")
         Console().print(t)
