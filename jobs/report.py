@@ -6,7 +6,8 @@ deleted / failed where the run recorded them, else ok / error rows), the error m
 grouped with counts and example keys, throughput over each run (an SVG chart of the run's
 ``progress`` points, or the run's mean rows/s when it has none), and samples: for ``clean``
 the cleaned image beside its source (when the source is still readable), for ``compress``
-the rate-distortion points (bpp vs PSNR) and one decoded row.
+the rate-distortion points (bpp vs PSNR) and one decoded row; and a few near-duplicate and
+content groups (``aejob dedup`` / ``aejob groups``) as thumbnails (``jobs/report_groups.py``).
 
 Memory: the data is read with ``pyarrow.dataset`` one file and one batch at a time, only the
 small columns; the image/latent column is read for the few sampled rows only, from the file
@@ -28,6 +29,7 @@ from typing import Annotated, Any
 
 import typer
 
+from jobs import report_groups
 from pipeline import layout, storage
 
 logger = logging.getLogger(__name__)
@@ -260,7 +262,7 @@ figcaption{font-size:12px;color:#4a5468}img{border:1px solid #c9ced8;image-rende
 .chart .ax{stroke:#6b7385}.chart .series{fill:none;stroke:#2a62c9;stroke-width:2}.chart .dot{fill:#2a62c9}
 .chart .tick{font-size:10px;fill:#4a5468;text-anchor:middle}.chart .lbl{font-size:11px;fill:#1d2433;text-anchor:middle}
 .ok{color:#1b7f3b}.bad{color:#b3261e}
-"""
+""" + report_groups.CSS
 
 
 def _e(v: Any) -> str:
@@ -324,7 +326,7 @@ def _throughput(runs: list[dict[str, Any]]) -> str:
 
 
 def render_html(dst: str, manifest: dict[str, Any], runs: list[dict[str, Any]], sc: Scan,
-                samples_html: str) -> str:
+                samples_html: str, groups_html: str = "") -> str:
     job = str(manifest.get("job") or (runs[-1].get("job") if runs else "") or "?")
     model = manifest.get("model") or {}
     summary = (f"<table id=\"summary\"><tr><th class=\"l\">job</th><td class=\"l\">{_e(job)}</td></tr>"
@@ -348,6 +350,7 @@ def render_html(dst: str, manifest: dict[str, Any], runs: list[dict[str, Any]], 
 <h2>Throughput</h2>
 {_throughput(runs) or '<p class="muted">No runs.</p>'}
 {samples_html}
+{groups_html}
 </body></html>
 """
 
@@ -385,7 +388,8 @@ def _compress_html(sc: Scan, sample: dict[str, Any] | None) -> str:
     return "".join(out)
 
 
-def build_report(dst: str, out: str | None = None, samples: int = 4) -> str:
+def build_report(dst: str, out: str | None = None, samples: int = 4,
+                 groups: int = report_groups.DEFAULT_GROUPS) -> str:
     """Write the report of ``dst``; returns where it was written."""
     dst = dst.rstrip("/")
     if not layout.data_files(dst) and not storage.exists(storage.join(dst, layout.MANIFEST)):
@@ -399,7 +403,8 @@ def build_report(dst: str, out: str | None = None, samples: int = 4) -> str:
         body = _compress_html(sc, compress_sample(dst, sc, manifest))
     else:
         body = _clean_samples_html(clean_samples(dst, sc, str(manifest.get("src") or "")))
-    page = render_html(dst, manifest, runs, sc, body)
+    groups_html = report_groups.groups_section(dst, _dataset(dst), job, manifest, groups)
+    page = render_html(dst, manifest, runs, sc, body, groups_html)
     target = out or storage.join(dst, REPORT_DIR, REPORT_FILE)
     storage.write_bytes(target, page.encode())
     logger.info("wrote %s (%d bytes)", target, len(page))
@@ -411,11 +416,15 @@ def report_command(
     out: Annotated[str | None, typer.Option(
         "--out", help="Where to write the HTML (default: DST/_report/report.html).")] = None,
     samples: Annotated[int, typer.Option(help="Sampled rows shown as images.", min=0, max=64)] = 4,
+    groups: Annotated[int, typer.Option(
+        help="Near-duplicate groups (from aejob dedup) and content groups (from aejob groups) shown as "
+        "thumbnails, of each kind; 0: no groups section.", min=0, max=50)] = report_groups.DEFAULT_GROUPS,
 ) -> None:
     """Write an HTML report of DST: runs and their counts, errors grouped, throughput, samples
-    (before/after for clean; RD points and a decoded row for compress). Self-contained: no URLs."""
+    (before/after for clean; RD points and a decoded row for compress), and a few near-duplicate and
+    content groups as thumbnails. Self-contained: no URLs."""
     try:
-        target = build_report(dst, out, samples)
+        target = build_report(dst, out, samples, groups)
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
