@@ -248,7 +248,9 @@ def export(
 def compress(
     src: SrcArg,
     out: DstOpt,
-    quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's.")] = None,
+    quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's. Not with --target-psnr/--max-bpp.")] = None,
+    target_psnr: Annotated[Optional[float], typer.Option(help="Rate control: per image, the smallest quality whose decoded image reaches this PSNR in dB (none does: the top quality). With --max-bpp: searched within that cap. Each row records its quality, psnr and bpp.")] = None,
+    max_bpp: Annotated[Optional[float], typer.Option(help="Rate control: per image, the highest quality whose stream is at most this many bits per pixel (none is: the lowest quality). Alone, or as the cap of --target-psnr.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-ctx",
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
     embedder: EmbedderOpt = "embedder-base",
@@ -269,10 +271,13 @@ def compress(
     address: AddressOpt = "",
     device: DeviceOpt = "auto",
 ) -> None:
-    """Compress every image of SRC into entropy-coded latents in Parquet (one row per input)."""
+    """Compress every image of SRC into entropy-coded latents in Parquet (one row per input).
+
+    The quality is fixed (--quality, default the checkpoint's) unless rate control picks it per image: --target-psnr P, --max-bpp B, or both (P subject to B)."""
     from jobs.compress import CompressConfig, build_spec
 
-    cfg = CompressConfig(src=src, dst=out, quality=quality, checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
+    cfg = CompressConfig(src=src, dst=out, quality=quality, target_psnr=target_psnr, max_bpp=max_bpp,
+                         checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
                          max_error_rate=max_error_rate, limit=limit, overwrite=overwrite,
                          delete=_delete(delete, limit), embedder=embedder, device=device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -24,7 +25,9 @@ DEFAULT_CODEC = "codec-ctx"  # also the default of `aejob compress --checkpoint`
 
 @dataclass(frozen=True)
 class CompressConfig(runner.JobConfig):
-    quality: int | None = None  # None: the checkpoint's default rate point
+    quality: int | None = None  # None: the checkpoint's default rate point (or rate control)
+    target_psnr: float | None = None  # rate control: smallest rung reaching this PSNR, per image
+    max_bpp: float | None = None  # rate control: highest rung within this many bits per pixel
     checkpoint: str = DEFAULT_CODEC
     keep_if_smaller: bool = False
     embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column (as clean)
@@ -47,13 +50,18 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
     ck_path = checkpoint.resolve(cfg.checkpoint)
     meta = checkpoint.read_meta(ck_path)
     qualities = list(range(1, len(meta["config"]["lambdas"]) + 1))
-    quality = cfg.quality if cfg.quality is not None else int(meta["config"]["default_quality"])
-    if quality not in qualities:
-        raise ValueError(f"--quality must be one of {qualities[0]}..{qualities[-1]} for this codec")
+    rate_control = rate_control_settings(cfg)
+    quality: int | None = None
+    if rate_control is None:
+        quality = cfg.quality if cfg.quality is not None else int(meta["config"]["default_quality"])
+        if quality not in qualities:
+            raise ValueError(f"--quality must be one of {qualities[0]}..{qualities[-1]} for this codec")
     fingerprint: dict[str, Any] = {
         "job": "compress", "quality": quality, "model": meta["name"], "checkpoint_sha256": meta["sha256"],
         "keep_if_smaller": cfg.keep_if_smaller, "image_column": cfg.image_column, "max_pixels": cfg.max_pixels,
     }
+    if rate_control is not None:  # only then: a fixed-quality DST keeps the fingerprint it always had
+        fingerprint["rate_control"] = rate_control
     emb_path, emb_id, dim = schemas.embedding_info(cfg.embedder)
     fingerprint["embedding_model"] = emb_id
     return runner.JobSpec(
@@ -62,16 +70,43 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
                         keep_source=cfg.keep_if_smaller),
         actor_cls=actors.CompressActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "quality": quality, "keep_if_smaller": cfg.keep_if_smaller,
-                      "device": cfg.device, "embedder": emb_path},
-        post=passthrough, probe=partial(probe, str(ck_path), quality), ray=ray_opts,
+                      "device": cfg.device, "embedder": emb_path, "target_psnr": cfg.target_psnr,
+                      "max_bpp": cfg.max_bpp},
+        post=passthrough, probe=partial(probe, str(ck_path), quality, cfg.target_psnr, cfg.max_bpp), ray=ray_opts,
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
-                    "quality": quality, "metrics": meta.get("metrics")},
-        resolved={**asdict(cfg), "checkpoint": str(ck_path), "quality": quality},
+                    "quality": quality, "qualities": qualities, "rate_control": rate_control,
+                    "metrics": meta.get("metrics")},
+        resolved={**asdict(cfg), "checkpoint": str(ck_path), "quality": quality, "rate_control": rate_control},
     )
 
 
-def probe(checkpoint_ref: str, quality: int, threads: int) -> float:
-    """Images/s of one codec actor (encode + the decode that measures PSNR) on a 768x512 image."""
+def rate_control_settings(cfg: CompressConfig) -> dict[str, Any] | None:
+    """The run's rate control (validated), or None for a fixed quality."""
+    if cfg.target_psnr is None and cfg.max_bpp is None:
+        return None
+    if cfg.quality is not None:
+        raise ValueError("--quality fixes the rung: it cannot go with --target-psnr or --max-bpp")
+    for opt, v in (("--target-psnr", cfg.target_psnr), ("--max-bpp", cfg.max_bpp)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{opt} must be a positive number, got {v}")
+    mode = "target_psnr+max_bpp" if cfg.target_psnr is not None and cfg.max_bpp is not None else (
+        "target_psnr" if cfg.target_psnr is not None else "max_bpp")
+    return {"mode": mode, "target_psnr": cfg.target_psnr, "max_bpp": cfg.max_bpp,
+            "rule": RATE_CONTROL_RULES[mode], "search": "binary search over the quality rungs, per image"}
+
+
+RATE_CONTROL_RULES = {
+    "target_psnr": "smallest quality whose decoded image reaches target_psnr dB (none: the top quality)",
+    "max_bpp": "highest quality whose stream is at most max_bpp bits per pixel (none: the lowest quality)",
+    "target_psnr+max_bpp": "smallest quality reaching target_psnr among those within max_bpp "
+                           "(none: the highest within max_bpp; none within: the lowest quality)",
+}
+
+
+def probe(checkpoint_ref: str, quality: int | None, target_psnr: float | None, max_bpp: float | None,
+          threads: int) -> float:
+    """Images/s of one codec actor on a 768x512 image: encode + the decode that measures PSNR,
+    and with rate control every rung its search tries."""
     import time
 
     from models.codec import CodecEngine
@@ -80,7 +115,7 @@ def probe(checkpoint_ref: str, quality: int, threads: int) -> float:
     img = np.stack([(x % 256), (y % 256), ((x + y) % 256)], -1).astype(np.uint8)
     eng = CodecEngine(checkpoint_ref, threads=threads)
     t = time.perf_counter()
-    eng.decompress(eng.compress(img, quality))
+    eng.compress_controlled(img, quality, target_psnr, max_bpp)
     return 1.0 / (time.perf_counter() - t)
 
 

@@ -23,8 +23,9 @@ checkpoint (see ``models/entropy.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from models.entropy import (
     encode_symbols,
     lower_bound,
 )
+from models.metrics import psnr_uint8
 
 NAME = "factorized-codec"
 # CompressAI's bmshj2018 λ ladder (loss = λ·255²·MSE + bpp, x in [0, 1]), its qualities 2..7:
@@ -149,6 +151,15 @@ class PostFilter(nn.Module):
         h = self.inp(F.pixel_unshuffle(x - 0.5, 2))
         h = h * self.scale[q][:, :, None, None] + self.shift[q][:, :, None, None]
         return x + F.pixel_shuffle(self.out(self.body(h)), 2)
+
+
+class Analysed(NamedTuple):
+    """``g_a``'s output for one image: y (1, M, h, w) and the padding that made it."""
+
+    y: torch.Tensor
+    pad_bottom: int
+    pad_right: int
+    size: tuple[int, int]  # (height, width) of the image it was made from
 
 
 def quantize(v: torch.Tensor, offset: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,12 +330,29 @@ class FactorizedCodec(nn.Module):
         return x, x.shape[2] - h, x.shape[3] - w
 
     @torch.inference_mode()
-    def compress(self, img: np.ndarray, quality: int, sha256: str = "") -> bytes:
-        """Encode a uint8 HxWx3 image at ``quality``; ``sha256`` identifies the checkpoint."""
+    def analyse(self, img: np.ndarray) -> Analysed:
+        """The analysis transform of ``img``, which does not depend on the quality: the
+        per-quality gain comes after it, so one result serves :meth:`compress` at every rung
+        (rate control tries several rungs of one image)."""
+        x, pb, pr = self.pad(img)
+        return Analysed(self.analysis(x), pb, pr, (img.shape[0], img.shape[1]))
+
+    def _analysed(self, img: np.ndarray, analysed: Analysed | None) -> Analysed:
+        if analysed is None:
+            return self.analyse(img)
+        if analysed.size != (img.shape[0], img.shape[1]):
+            raise ValueError(f"analysis of a {analysed.size} image given for one of {img.shape[:2]}")
+        return analysed
+
+    @torch.inference_mode()
+    def compress(self, img: np.ndarray, quality: int, sha256: str = "",
+                 analysed: Analysed | None = None) -> bytes:
+        """Encode a uint8 HxWx3 image at ``quality``; ``sha256`` identifies the checkpoint;
+        ``analysed``: :meth:`analyse`'s result for ``img``, reused instead of recomputed."""
         quality = self._check_quality(quality)
         rows = self._rows(quality)
-        x, pb, pr = self.pad(img)
-        y = self.analysis(x)[0]
+        y4, pb, pr, _ = self._analysed(img, analysed)
+        y = y4[0]
         z = y * torch.exp(self.log_gain[quality - 1])[:, None, None]
         sym = to_symbols(z, torch.from_numpy(rows.medians)[:, None, None])
         return self._pack(img, quality, sha256, pb, pr, sym.shape, encode_symbols(sym, rows))
@@ -490,11 +518,110 @@ class CodecEngine:
         q = self.default_quality if quality is None else quality
         return self.model.compress(img, q, sha256=self.sha256)
 
+    def compress_controlled(self, img: np.ndarray, quality: int | None = None,
+                            target_psnr: float | None = None, max_bpp: float | None = None) -> Coded:
+        """Encode ``img`` at a fixed ``quality`` (default: the checkpoint's), or pick the rung
+        per image (rate control):
+
+        - ``target_psnr`` P: the smallest quality whose decoded image reaches P dB (none does:
+          the top rung);
+        - ``max_bpp`` B: the highest quality whose stream is at most B bits per pixel (none is:
+          the lowest rung);
+        - both: the target PSNR searched only among the rungs within the bpp cap (none there
+          reaches P: the highest rung within the cap).
+
+        Rungs are found by binary search (bpp and PSNR rise with the quality on a trained
+        ladder: ``rung_search`` says what it guarantees when they do not), so a 7-rung ladder
+        costs at most 3 encodes (and decodes, for PSNR) per condition instead of 7; the
+        analysis transform runs once per image and is shared by every rung tried (the rungs
+        differ only after it, by their gains). Returns the chosen stream, its decoded image and
+        measures, and the rungs tried."""
+        if quality is not None and (target_psnr is not None or max_bpp is not None):
+            raise ValueError("a fixed quality excludes target_psnr / max_bpp")
+        for name, v in (("target_psnr", target_psnr), ("max_bpp", max_bpp)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        analysed = self.model.analyse(img)
+        pixels = img.shape[0] * img.shape[1]
+        streams: dict[int, bytes] = {}
+        decoded: dict[int, np.ndarray] = {}
+
+        def stream(q: int) -> bytes:
+            if q not in streams:
+                streams[q] = self.model.compress(img, q, sha256=self.sha256, analysed=analysed)
+            return streams[q]
+
+        def image(q: int) -> np.ndarray:
+            if q not in decoded:
+                decoded[q] = self.decompress(stream(q))
+            return decoded[q]
+
+        lo, hi = self.qualities[0], self.qualities[-1]
+        if target_psnr is None and max_bpp is None:
+            q = self.default_quality if quality is None else int(quality)
+        else:
+            top = hi
+            if max_bpp is not None:
+                fits = rung_search(lambda r: len(stream(r)) * 8 / pixels <= max_bpp, lo, hi, last=True)
+                top = lo if fits is None else fits
+            if target_psnr is not None:
+                reach = rung_search(lambda r: psnr_uint8(image(r), img, float("inf")) >= target_psnr, lo, top)
+                q = top if reach is None else reach
+            else:
+                q = top
+        data = stream(q)
+        rec = image(q)
+        return Coded(data=data, quality=q, image=rec, psnr=psnr_uint8(rec, img, float("inf")),
+                     bpp=len(data) * 8 / pixels, tried=tuple(sorted(streams)))
+
     def decompress(self, data: bytes) -> np.ndarray:
         return self.model.decompress(data, sha256=self.sha256)
 
     def embed(self, img: np.ndarray) -> np.ndarray:
         return self.model.embed(img)
+
+
+@dataclass(frozen=True)
+class Coded:
+    """One image coded by :meth:`CodecEngine.compress_controlled`."""
+
+    data: bytes  # the whole stream (header + payload)
+    quality: int  # the rung it was coded at
+    image: np.ndarray  # the decoded uint8 HxWx3 image
+    psnr: float  # dB, decoded vs source (inf when identical)
+    bpp: float  # len(data) * 8 / pixels
+    tried: tuple[int, ...]  # rungs encoded on the way (the chosen one included)
+
+
+def rung_search(pred: Callable[[int], bool], lo: int, hi: int, last: bool = False) -> int | None:
+    """Binary search over the rungs ``lo..hi`` for a predicate that is false below some rung
+    and true from it on (``last=False``: the smallest true rung), or true up to some rung and
+    false above it (``last=True``: the largest true rung); None when no rung qualifies.
+
+    ``pred`` is evaluated at about log2(hi - lo + 2) rungs. When it is not monotone the result
+    still qualifies and sits at a boundary (``last=False``: the rung below it, if any, does not
+    qualify; ``last=True``: the rung above it does not), though another boundary may exist."""
+    if hi < lo:
+        return None
+    if last:
+        # invariant: pred(a) true or a == lo - 1; pred(b) false or b == hi + 1
+        a, b = lo - 1, hi + 1
+        while b - a > 1:
+            mid = (a + b) // 2
+            if pred(mid):
+                a = mid
+            else:
+                b = mid
+        return a if a >= lo else None
+    # invariant: pred(a) false or a == lo - 1; pred(b) true or b == hi + 1
+    a, b = lo - 1, hi + 1
+    while b - a > 1:
+        mid = (a + b) // 2
+        if pred(mid):
+            b = mid
+        else:
+            a = mid
+    return b if b <= hi else None
 
 
 def bpp(data: bytes, width: int, height: int) -> float:

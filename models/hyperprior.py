@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import bitstream
-from models.codec import CodecConfig, FactorizedCodec, _conv, _deconv, pad_to_multiple, quantize, to_symbols
+from models.codec import Analysed, CodecConfig, FactorizedCodec, _conv, _deconv, pad_to_multiple, quantize, to_symbols
 from models.entropy import (
     EntropyCodingError,
     EntropyTables,
@@ -339,11 +339,12 @@ class HyperpriorCodec(FactorizedCodec):
         return torch.from_numpy(sym).float() + mean
 
     @torch.inference_mode()
-    def compress(self, img: np.ndarray, quality: int, sha256: str = "") -> bytes:
+    def compress(self, img: np.ndarray, quality: int, sha256: str = "",
+                 analysed: Analysed | None = None) -> bytes:
         quality = self._check_quality(quality)
         rows = self._rows(quality)
-        x, pb, pr = self.pad(img)
-        z = self.analysis(x) * torch.exp(self.log_gain[quality - 1])[None, :, None, None]
+        y, pb, pr, _ = self._analysed(img, analysed)
+        z = y * torch.exp(self.log_gain[quality - 1])[None, :, None, None]
         w = self.h_a(pad_to_multiple(z, HYPER_FACTOR))[0]
         w_sym = to_symbols(w, torch.from_numpy(rows.medians)[:, None, None])
         side = encode_symbols(w_sym, rows)

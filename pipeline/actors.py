@@ -1,7 +1,8 @@
 """The model stage's Ray Data actors, one home for all of them: each loads its model once.
 
 - ``DenoiseActor`` (``aejob clean``): denoiser + embedding, decoded rows in place;
-- ``CompressActor`` (``aejob compress``): learned codec, bitstream + PSNR per row;
+- ``CompressActor`` (``aejob compress``): learned codec, bitstream + PSNR, bpp and the quality
+  rung per row (fixed, or chosen per image by rate control);
 - ``DecompressActor`` (``aejob decompress``): bitstreams back to image files.
 
 Constructor arguments are plain values (an ``ObjectRef`` at most), so an actor that the pool
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 
 from models.embedder import DEFAULT_EMBEDDER
-from models.metrics import psnr_uint8
 from pipeline import decode, storage
 from pipeline.batch import normalize, objects
 from pipeline.infer import DEFAULT_DENOISER, DenoiseEngine, Sigma, ok_rows, pick_device, pixels_of
@@ -144,7 +144,8 @@ class CompressActor(_ModelActor):
 
     def __init__(self, checkpoint_ref: str, quality: int | None, keep_if_smaller: bool,
                  threads: int = 0, device: str = "auto", batch_size: int = 1, actor_cpus: float = 1.0,
-                 pool_max: int = 1, embedder: str = DEFAULT_EMBEDDER) -> None:
+                 pool_max: int = 1, embedder: str = DEFAULT_EMBEDDER, target_psnr: float | None = None,
+                 max_bpp: float | None = None) -> None:
         from models.codec import CodecEngine
         from models.embedder import EmbedderEngine
 
@@ -153,7 +154,10 @@ class CompressActor(_ModelActor):
         # On a GPU only the encoder's transforms run there; entropy coding and the decode that
         # measures PSNR stay on CPU (bit-exact table choice), see models.codec.CodecEngine.
         self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device=str(pick_device(device)))
-        self.quality = quality if quality is not None else self.engine.default_quality
+        # rate control (target_psnr / max_bpp) picks the rung per image; else one fixed rung
+        self.target_psnr, self.max_bpp = target_psnr, max_bpp
+        controlled = target_psnr is not None or max_bpp is not None
+        self.quality = None if controlled else quality if quality is not None else self.engine.default_quality
         self.keep_if_smaller = keep_if_smaller
         self.embedder = EmbedderEngine(embedder, device="cpu")  # the same vectors as `aejob clean`
         self.embedding_model = self.embedder.model_id
@@ -165,26 +169,28 @@ class CompressActor(_ModelActor):
         latent: list[object] = [None] * n
         bpp = np.full(n, np.nan)
         psnr = np.full(n, np.nan)
+        quality = np.full(n, np.nan)  # the rung coded at (NaN -> null: error row, or the source kept)
         codec: list[object] = [None] * n
         emb: list[object] = [None] * n
         status, error = batch["status"].copy(), batch["error"].copy()
         for i in ok_rows(batch):
             img = pixels_of(batch, i)
             try:
-                data = self.engine.compress(img, self.quality)
-                decoded = self.engine.decompress(data)
+                coded = self.engine.compress_controlled(img, self.quality, self.target_psnr, self.max_bpp)
+                data = coded.data
                 src = batch["source_data"][i] if "source_data" in batch else None
                 if self.keep_if_smaller and src is not None and len(src) <= len(data):
                     latent[i], codec[i], psnr[i] = bytes(src), "original", float("inf")
                 else:
-                    latent[i], codec[i], psnr[i] = data, "aejob", _psnr(decoded, img)
+                    latent[i], codec[i], psnr[i], quality[i] = data, "aejob", coded.psnr, coded.quality
                 bpp[i] = len(latent[i]) * 8 / (img.shape[0] * img.shape[1])  # type: ignore[arg-type]
                 emb[i] = self.embedder.embed([img])[0].tobytes()
             except Exception as e:  # one image's failure is its row's error
                 status[i], error[i] = "error", f"compress failed: {type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items() if k not in ("pixels", "exif", "source_data")}
         out.update(
-            latent=objects(latent), bpp=bpp, psnr=psnr, codec=objects(codec), embedding=objects(emb),
+            latent=objects(latent), bpp=bpp, psnr=psnr, quality=quality, codec=objects(codec),
+            embedding=objects(emb),
             embedding_model=objects([self.embedding_model if e is not None else None for e in emb]),
             model=objects([self.engine.name] * n), checkpoint_sha256=objects([self.engine.sha256] * n),
             status=status, error=error,
@@ -236,10 +242,3 @@ class DecompressActor(_ModelActor):
                 status.append("error")
                 error.append(f"{type(e).__name__}: {e}")
         return {"key": batch["key"], "status": objects(status), "error": objects(error)}
-
-
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """A stored row says inf for a lossless copy (never a made-up finite cap)."""
-    return psnr_uint8(a, b, identical=float("inf"))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 NUMERIC = {"unit_items", "source_bytes", "skipped_members", "width", "height", "noise_sigma",
-           "bpp", "psnr", "size"}
+           "bpp", "psnr", "quality", "size"}  # quality: compress's rung, float in flight (NaN: none)
 
 
 def objects(values: Sequence[object] | np.ndarray) -> np.ndarray:

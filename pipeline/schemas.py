@@ -37,6 +37,7 @@ def compress_schema(embedding_dim: int) -> pa.Schema:
         ("latent", pa.large_binary()),
         ("bpp", pa.float64()),
         ("psnr", pa.float64()),
+        ("quality", pa.int32()),  # the rung coded at (fixed or rate-controlled); null: error or original
         ("codec", pa.string()),
         ("note", pa.string()),
         *SOURCE,

@@ -37,6 +37,7 @@ def test_compress_then_decompress(image_folder: Path, tmp_path: Path, codec: str
         assert r["status"] == "ok" and r["codec"] == "aejob" and r["latent"][:4] == b"AEJB"
         assert r["bpp"] == pytest.approx(len(r["latent"]) * 8 / (r["width"] * r["height"]))
         assert np.isfinite(r["psnr"]) and len(r["embedding"]) == 256  # embedder-base, as clean
+        assert r["quality"] == 2  # a fixed quality: every row records it
     schema = pq.read_schema(next(dst.glob("*.parquet")))
     assert str(schema.field("latent").type) == "large_binary"
 
@@ -77,6 +78,7 @@ def test_keep_if_smaller_keeps_source_bytes(tmp_path: Path, tiny_codec: str) -> 
     assert runner.run_job(build_spec(cfg, runner.RayOptions()), progress=False).ok
     rows = {r["key"]: r for r in pads.dataset(str(dst), format="parquet").to_table().to_pylist()}
     assert rows["flat.png"]["codec"] == "original" and rows["flat.png"]["latent"] == tiny_png
+    assert rows["flat.png"]["quality"] is None and rows["pattern.png"]["quality"] is not None
     report = decompress(str(dst), str(tmp_path / "o"))
     assert report["counts"]["ok"] == 2
     decoded = np.asarray(Image.open(tmp_path / "o" / "flat.png").convert("RGB"))
