@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 
 from models import checkpoint
-from pipeline import actors, decode, runner, schemas, storage
-from pipeline.batch import normalize
+from pipeline import actors, decode, runner, schemas, stages, storage
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, np.ndarray]
 DEFAULT_CODEC = "codec-ctx"  # also the default of `aejob compress --checkpoint` (jobs/cli.py)
 
 
@@ -31,19 +29,6 @@ class CompressConfig(runner.JobConfig):
     checkpoint: str = DEFAULT_CODEC
     keep_if_smaller: bool = False
     embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column (as clean)
-
-
-def prepare_batch(batch: Batch, options: decode.DecodeOptions, keep_source: bool) -> Batch:
-    batch = normalize(batch)
-    src = batch["data"].copy() if keep_source else None
-    out = normalize(decode.decode_batch(batch, options))
-    if src is not None:
-        out["source_data"] = src
-    return out
-
-
-def passthrough(batch: Batch) -> Batch:
-    return normalize(batch)
 
 
 def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
@@ -66,13 +51,14 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
     fingerprint["embedding_model"] = emb_id
     return runner.JobSpec(
         job="compress", config=cfg, schema=schemas.compress_schema(dim), fingerprint=fingerprint,
-        prepare=partial(prepare_batch, options=decode.DecodeOptions(max_pixels=cfg.max_pixels),
+        prepare=partial(stages.compress_prepare, options=decode.DecodeOptions(max_pixels=cfg.max_pixels),
                         keep_source=cfg.keep_if_smaller),
         actor_cls=actors.CompressActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "quality": quality, "keep_if_smaller": cfg.keep_if_smaller,
                       "device": cfg.device, "embedder": emb_path, "target_psnr": cfg.target_psnr,
                       "max_bpp": cfg.max_bpp},
-        post=passthrough, probe=partial(probe, str(ck_path), quality, cfg.target_psnr, cfg.max_bpp), ray=ray_opts,
+        post=stages.passthrough, ray=ray_opts,
+        probe=partial(probe, str(ck_path), quality, cfg.target_psnr, cfg.max_bpp),
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "quality": quality, "qualities": qualities, "rate_control": rate_control,
                     "metrics": meta.get("metrics")},

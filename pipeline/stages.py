@@ -20,3 +20,18 @@ Batch = dict[str, np.ndarray]
 def clean_prepare(batch: Batch, options: decode.DecodeOptions) -> Batch:
     """``aejob clean``: decode + validate, then estimate each image's noise level."""
     return estimate_noise_batch(normalize(decode.decode_batch(normalize(batch), options)))
+
+
+def compress_prepare(batch: Batch, options: decode.DecodeOptions, keep_source: bool) -> Batch:
+    """``aejob compress``: decode + validate; with ``keep_source`` the source bytes ride along
+    (``--keep-if-smaller`` stores them when they beat the codec's stream)."""
+    batch = normalize(batch)
+    src = batch["data"].copy() if keep_source else None
+    out = normalize(decode.decode_batch(batch, options))
+    if src is not None:
+        out["source_data"] = src
+    return out
+
+
+def passthrough(batch: Batch) -> Batch:
+    return normalize(batch)

@@ -149,15 +149,17 @@ def test_codec_encoder_on_a_real_gpu_decodes_on_cpu(tiny_hyper_codec: str) -> No
     assert abs(len(stream) - len(cpu.compress(img, 2))) <= max(8, len(stream) // 50)
 
 
-def test_cpu_stage_functions_do_not_import_torch(tiny_checkpoint: str) -> None:
+def test_cpu_stage_functions_do_not_import_torch(tiny_checkpoint: str, tiny_hyper_codec: str) -> None:
     """Ray imports each CPU stage function's module in every CPU worker: none may pull torch."""
     import subprocess
     import sys
 
-    from jobs.clean import CleanConfig, build_spec
+    from jobs import clean, compress
 
-    spec = build_spec(CleanConfig(src="in", dst="out", checkpoint=tiny_checkpoint), runner.RayOptions())
-    funcs = [spec.prepare, spec.post, runner.read_plan]
+    specs = [clean.build_spec(clean.CleanConfig(src="in", dst="out", checkpoint=tiny_checkpoint), runner.RayOptions()),
+             compress.build_spec(compress.CompressConfig(src="in", dst="out", checkpoint=tiny_hyper_codec),
+                                 runner.RayOptions())]
+    funcs = [f for s in specs for f in (s.prepare, s.post)] + [runner.read_plan]
     mods = sorted({getattr(f, "func", f).__module__ for f in funcs} | {"pipeline.sink", "pipeline.sources"})
     code = f"import sys\nfor m in {mods!r}: __import__(m)\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
