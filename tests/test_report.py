@@ -95,7 +95,7 @@ def _images(html_text: str) -> list[Image.Image]:
     import base64
     import io
 
-    out = []
+    out: list[Image.Image] = []
     for _, attrs in _parse(html_text).tags:
         src = attrs.get("src") or ""
         if src.startswith("data:image/png;base64,"):
