@@ -64,11 +64,20 @@ def find_checkpoint(model_id: str, checkpoint: str | None = None) -> Path:
     raise vindex.SearchIndexError(f"no checkpoint {model_id} among the shipped weights: pass --checkpoint PATH")
 
 
-def default_threshold(model_id: str, checkpoint: str | None = None) -> float:
-    """The dedup threshold calibrated at training time and recorded in the checkpoint."""
+def default_threshold(model_id: str, checkpoint: str | None = None, regions: dict[str, Any] | None = None) -> float:
+    """The dedup threshold calibrated on training photos and recorded in the checkpoint:
+    ``dedup_threshold_regions`` for an index with region vectors of the layout it was calibrated
+    for (a pair scores its best window, so unrelated pairs score higher too), else ``dedup_threshold``."""
     from models import checkpoint as ck
 
     meta = ck.read_meta(find_checkpoint(model_id, checkpoint))
+    if regions:
+        layout = json.dumps(regions, sort_keys=True)
+        if meta.get("dedup_threshold_regions") is not None and \
+                (meta.get("metrics") or {}).get("calib_regions_layout") == layout:
+            return float(meta["dedup_threshold_regions"])
+        log.warning("%s records no dedup threshold for region vectors %s: using the full-vector one, which "
+                    "links more unrelated pairs with regions (pass --threshold)", model_id, layout)
     t = meta.get("dedup_threshold")
     if t is None:
         raise vindex.SearchIndexError(f"{model_id} records no dedup threshold: pass --threshold")
@@ -121,9 +130,14 @@ def register(app: typer.Typer) -> None:
             s = vindex.build(dst, kind=kind, rebuild=rebuild)
         except vindex.SearchIndexError as e:
             fail(e)
-        typer.echo(f"{s['kind']} index of {s['count']} vectors ({s['embedding_model']}): +{s['added']} added, "
+        regions = (f" + {s['regions']} regions each" + (f" ({s['rows_without_regions']} rows without)"
+                                                        if s["rows_without_regions"] else "")) if s["regions"] else ""
+        typer.echo(f"{s['kind']} index of {s['count']} images, {s['vectors']} vectors (full{regions}; "
+                   f"{s['embedding_model']}): +{s['added']} added, "
                    f"{s['replaced']} replaced, {s['removed']} removed, {s['skipped_error_rows']} error rows "
                    f"skipped; {s['bytes'] / 1e6:.2f} MB in {s['seconds']:.2f} s")
+        if s["rebuilt"]:
+            typer.echo(f"rebuilt: {s['rebuilt']}", err=True)
 
     @app.command("search")
     def search_cmd(
@@ -170,7 +184,8 @@ def register(app: typer.Typer) -> None:
         try:
             vindex.build(dst)
             idx = vindex.load(dst)
-            t = threshold if threshold is not None else default_threshold(idx.model, checkpoint)
+            t = threshold if threshold is not None else default_threshold(idx.model, checkpoint,
+                                                                          idx.meta.get("regions"))
             s = vindex.write_dedup(dst, idx, t, neighbours)
         except vindex.SearchIndexError as e:
             fail(e)

@@ -46,6 +46,7 @@ from jobs.training import (
 from models import checkpoint
 from models.data import list_images, load_rgb, photo_split
 from models.embedder import CopyEmbedder, prepare
+from models.regions import REGIONS, RegionSpec
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,25 @@ def load_photos(files: list[Path], side: int) -> list[Image.Image]:
 def embed_arrays(model: CopyEmbedder, images: list[np.ndarray], batch: int = 32) -> np.ndarray:
     """The engine's preprocessing (``prepare``) + the model, in eval mode, float32."""
     cfg = model.config
+    return _embed_prepared(model, [prepare(im, cfg.input_size, cfg.max_aspect) for im in images], batch)
+
+
+def embed_windows(model: CopyEmbedder, images: list[np.ndarray], spec: RegionSpec = REGIONS,
+                  batch: int = 32) -> np.ndarray:
+    """The engine's region vectors (``EmbedderEngine.embed_regions``): float32 [N, R, dim]."""
+    cfg = model.config
+    wins = []
+    for im in images:
+        p = prepare(im, spec.size, cfg.max_aspect)
+        wins += [p[y : y + h, x : x + w] for y, x, h, w in spec.boxes(*p.shape[:2])]
+    return _embed_prepared(model, wins, batch).reshape(len(images), spec.count, cfg.dim)
+
+
+def _embed_prepared(model: CopyEmbedder, prepared: list[np.ndarray], batch: int) -> np.ndarray:
+    cfg = model.config
     was = model.training
     model.eval()
-    prepared = [prepare(im, cfg.input_size, cfg.max_aspect) for im in images]
-    out = np.zeros((len(images), cfg.dim), np.float32)
+    out = np.zeros((len(prepared), cfg.dim), np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prepared):
         groups.setdefault(p.shape, []).append(i)
@@ -265,7 +281,8 @@ def evaluate(model: CopyEmbedder, data: tuple[list[np.ndarray], list[np.ndarray]
 def calibrate(model: CopyEmbedder, photos: list[Image.Image], n: int = 600, seed: int = 99) -> dict[str, Any]:
     """The dedup threshold, from training photos only: n crops (distinct photos cycle), each
     with one bench-like copy. Cross-photo pairs are negatives; the threshold is just above the
-    largest of them (about 1 false pair in n²/2 pairs), and the copies' recall at it is recorded."""
+    largest of them (about 1 false pair in n²/2 pairs), and the copies' recall at it is recorded.
+    ``dedup_threshold_regions``: the same for an index with region vectors (``models/regions.py``)."""
     rng = np.random.default_rng(seed)
     crops, copies, owner = [], [], []
     for i in range(n):
@@ -282,11 +299,24 @@ def calibrate(model: CopyEmbedder, photos: list[Image.Image], n: int = 600, seed
     neg = sims[own[:, None] != own[None, :]]
     pos = np.sum(e * c, axis=1)
     threshold = float(np.max(neg)) + 0.01
+    # The same pairs scored as an index with region vectors scores them (pipeline.index): a pair
+    # scores the max of either's full vector against the other's full and region vectors.
+    e_all = np.concatenate([e[:, None], embed_windows(model, crops)], 1)  # [n, 1 + R, dim]
+    c_all = np.concatenate([c[:, None], embed_windows(model, copies)], 1)
+    directed = np.einsum("id,jrd->ijr", e, e_all).max(-1)
+    neg_r = np.maximum(directed, directed.T)[own[:, None] != own[None, :]]
+    pos_r = np.maximum(np.einsum("id,ird->ir", e, c_all).max(1), np.einsum("id,ird->ir", c, e_all).max(1))
+    threshold_r = float(np.max(neg_r)) + 0.01
     return {"dedup_threshold": round(threshold, 4), "calib_neg_max": round(float(np.max(neg)), 4),
             "calib_neg_p9999": round(float(np.quantile(neg, 0.9999)), 4),
             "calib_pos_median": round(float(np.median(pos)), 4),
             "calib_pos_recall_at_threshold": round(float(np.mean(pos >= threshold)), 4),
-            "calib_crops": n, "calib_negative_pairs": int(neg.size // 2)}
+            "calib_crops": n, "calib_negative_pairs": int(neg.size // 2),
+            "dedup_threshold_regions": round(threshold_r, 4), "calib_regions_neg_max": round(float(np.max(neg_r)), 4),
+            "calib_regions_neg_p9999": round(float(np.quantile(neg_r, 0.9999)), 4),
+            "calib_regions_pos_median": round(float(np.median(pos_r)), 4),
+            "calib_regions_pos_recall_at_threshold": round(float(np.mean(pos_r >= threshold_r)), 4),
+            "calib_regions_layout": REGIONS.layout_id()}
 
 
 # ------------------------------------------------------------------------------- loop
@@ -358,6 +388,8 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "metrics": {**({k: v for k, v in curve[-1].items() if k.startswith("holdout")} if curve else {}),
                         **calib},
             "dedup_threshold": calib.get("dedup_threshold"),
+            # for indexes with region vectors (a pair scores its best window): calibrated alike
+            "dedup_threshold_regions": calib.get("dedup_threshold_regions"),
             "curve": curve,
         }
         target = Path(cfg.release) if release else out / "last"

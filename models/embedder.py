@@ -9,6 +9,10 @@ milliseconds per image on a CPU core).
 long side capped at ``max_aspect`` times the short by a centre crop) before the network: its cost
 is then independent of the image size. Embeddings are computed in float32 on every device
 (no autocast, no TF32), so the same image gets the same vector on CPU and GPU up to rounding.
+
+``embed_regions`` / ``embed_with_regions`` add the database side's regional vectors: 5 windows
+of half the area of the image prepared at a shorter side of 160 (``models/regions.py``), which
+a crop of half an image matches far better than the full-image vector does.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from models.regions import REGIONS, RegionSpec
 
 DEFAULT_EMBEDDER = "embedder-base"
 KIND = "embedder"
@@ -126,9 +132,11 @@ def _strict_fp32() -> Iterator[None]:
 
 
 class EmbedderEngine:
-    """Loads an embedder checkpoint once; ``embed`` maps uint8 RGB images to float32 [N, dim]."""
+    """Loads an embedder checkpoint once; ``embed`` maps uint8 RGB images to float32 [N, dim],
+    ``embed_regions`` to their region vectors [N, R, dim] (``models/regions.py``)."""
 
-    def __init__(self, checkpoint_ref: str = DEFAULT_EMBEDDER, threads: int = 0, device: str = "auto") -> None:
+    def __init__(self, checkpoint_ref: str = DEFAULT_EMBEDDER, threads: int = 0, device: str = "auto",
+                 regions: RegionSpec = REGIONS) -> None:
         from models import checkpoint
 
         if threads:
@@ -147,20 +155,44 @@ class EmbedderEngine:
         self.path = ck.path
         self.dim = int(ck.config.dim)
         self.model_id = f"{self.name}:{self.sha256[:12]}"
+        self.regions = regions  # the windows of ``embed_regions`` (recorded with the column)
 
     @torch.inference_mode()
-    def embed(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """uint8 HxWx3 RGB images of any size → L2-normalised float32 [N, dim]."""
-        out = np.zeros((len(images), self.dim), np.float32)
-        prepared = [prepare(img, self.config.input_size, self.config.max_aspect) for img in images]
+    def _forward(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """uint8 hxwx3 arrays, already prepared → float32 [N, dim]; arrays of one shape are batched."""
+        out = np.zeros((len(arrays), self.dim), np.float32)
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prepared):
+        for i, p in enumerate(arrays):
             by_shape.setdefault(p.shape, []).append(i)
         with _strict_fp32():
             for idx in by_shape.values():
                 for j in range(0, len(idx), batch_size):
                     chunk = idx[j : j + batch_size]
-                    x = torch.from_numpy(np.stack([prepared[i] for i in chunk])).permute(0, 3, 1, 2)
+                    x = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2)
                     x = x.to(self.device, torch.float32).div_(255)
                     out[chunk] = self.model(x).cpu().numpy()
         return out
+
+    def embed(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """uint8 HxWx3 RGB images of any size → L2-normalised float32 [N, dim]."""
+        prepared = [prepare(img, self.config.input_size, self.config.max_aspect) for img in images]
+        return self._forward(prepared, batch_size)
+
+    def windows(self, img: np.ndarray) -> list[np.ndarray]:
+        """The region windows of one image (``self.regions``), cut from it prepared at ``regions.size``."""
+        p = prepare(img, self.regions.size, self.config.max_aspect)
+        return [p[y : y + h, x : x + w] for y, x, h, w in self.regions.boxes(*p.shape[:2])]
+
+    def embed_regions(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """uint8 HxWx3 RGB images → the region vectors, L2-normalised float32 [N, R, dim]."""
+        wins = [w for img in images for w in self.windows(img)]
+        return self._forward(wins, batch_size).reshape(len(images), self.regions.count, self.dim)
+
+    def embed_with_regions(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Both in one pass: (full vectors [N, dim], region vectors [N, R, dim]), float32; the full
+        vectors are ``embed``'s."""
+        r = self.regions.count
+        arrays = [prepare(img, self.config.input_size, self.config.max_aspect) for img in images]
+        arrays += [w for img in images for w in self.windows(img)]
+        out = self._forward(arrays, batch_size)
+        return out[: len(images)], out[len(images) :].reshape(len(images), r, self.dim)

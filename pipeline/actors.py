@@ -122,17 +122,21 @@ class DenoiseActor(_ModelActor):
         n = len(batch["key"])
         idx = ok_rows(batch)
         emb: list[object] = [None] * n
+        regions: list[object] = [None] * n
         pixels = list(batch["pixels"])
         if idx:
             sigma: Sigma = self.sigma
             if sigma is None and "noise_sigma" in batch:  # auto: the CPU stage already estimated it
                 sigma = [float(batch["noise_sigma"][i]) for i in idx]
-            cleaned, vecs = self.engine.denoise([pixels_of(batch, i) for i in idx], sigma)
+            cleaned = self.engine.clean([pixels_of(batch, i) for i in idx], sigma)
+            vecs, reg = self.engine.embed_with_regions(cleaned)
             for j, i in enumerate(idx):
                 pixels[i] = cleaned[j].tobytes()
                 emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls
+                regions[i] = reg[j].tobytes()
         batch["pixels"] = objects(pixels)
         batch["embedding"] = objects(emb)
+        batch["region_embeddings"] = objects(regions)
         batch["embedding_model"] = objects([self.engine.embedding_model if e is not None else None for e in emb])
         batch["model"] = objects([self.engine.name] * n)
         batch["checkpoint_sha256"] = objects([self.engine.sha256] * n)
@@ -172,6 +176,7 @@ class CompressActor(_ModelActor):
         quality = np.full(n, np.nan)  # the rung coded at (NaN -> null: error row, or the source kept)
         codec: list[object] = [None] * n
         emb: list[object] = [None] * n
+        regions: list[object] = [None] * n
         status, error = batch["status"].copy(), batch["error"].copy()
         for i in ok_rows(batch):
             img = pixels_of(batch, i)
@@ -184,13 +189,14 @@ class CompressActor(_ModelActor):
                 else:
                     latent[i], codec[i], psnr[i], quality[i] = data, "aejob", coded.psnr, coded.quality
                 bpp[i] = len(latent[i]) * 8 / (img.shape[0] * img.shape[1])  # type: ignore[arg-type]
-                emb[i] = self.embedder.embed([img])[0].tobytes()
+                vec, reg = self.embedder.embed_with_regions([img])
+                emb[i], regions[i] = vec[0].tobytes(), reg[0].tobytes()
             except Exception as e:  # one image's failure is its row's error
                 status[i], error[i] = "error", f"compress failed: {type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items() if k not in ("pixels", "exif", "source_data")}
         out.update(
             latent=objects(latent), bpp=bpp, psnr=psnr, quality=quality, codec=objects(codec),
-            embedding=objects(emb),
+            embedding=objects(emb), region_embeddings=objects(regions),
             embedding_model=objects([self.embedding_model if e is not None else None for e in emb]),
             model=objects([self.engine.name] * n), checkpoint_sha256=objects([self.engine.sha256] * n),
             status=status, error=error,

@@ -3,8 +3,8 @@
 The engine pads every image to the model's downsampling multiple and cuts large images into
 overlapping tiles, so memory is bounded by the tile size whatever the input size; tiles of all
 images in a batch are grouped by shape and run in mini-batches. The search embedding of the
-cleaned image comes from the copy-detection embedder (``models/embedder.py``), the same vector
-space that ``aejob compress`` writes.
+cleaned image and its region vectors come from the copy-detection embedder
+(``models/embedder.py``), the same vector space that ``aejob compress`` writes.
 """
 
 from __future__ import annotations
@@ -166,7 +166,6 @@ class DenoiseEngine:
                 acc += back.flip(-1) if m else back
         return acc / ensemble
 
-    @torch.inference_mode()
     def denoise(
         self, images: list[np.ndarray], sigma: Sigma = None, ensemble: int | None = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -175,6 +174,12 @@ class DenoiseEngine:
         sigma: None (auto: estimate per image), "blind", one level for all, or one per image.
         ensemble: views averaged per tile (1, 2, 4, 8); the engine's setting when None.
         """
+        cleaned = self.clean(images, sigma, ensemble)
+        return cleaned, self.embed(cleaned)
+
+    @torch.inference_mode()
+    def clean(self, images: list[np.ndarray], sigma: Sigma = None, ensemble: int | None = None) -> list[np.ndarray]:
+        """``denoise`` without the embedding: the cleaned uint8 images."""
         views = self.ensemble if ensemble is None else check_ensemble(ensemble)
         levels = self.conditions(images, sigma)
         m = self.multiple
@@ -215,13 +220,17 @@ class DenoiseEngine:
             h, w = img.shape[:2]
             arr = out[:, :h, :w].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
             cleaned.append(arr.permute(1, 2, 0).contiguous().numpy())
-        return cleaned, self.embed(cleaned)
+        return cleaned
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """The search embedding of (cleaned) images: the copy-detection embedder's, float32."""
         if not images:
             return np.zeros((0, self.embedding_dim), np.float32)
         return self.embedder.embed(images)
+
+    def embed_with_regions(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The search embedding and the region vectors ([N, dim], [N, R, dim], float32) in one pass."""
+        return self.embedder.embed_with_regions(images)
 
     def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
         return self.denoise([img], sigma, ensemble)[0][0]

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from models.regions import FIELD_META_KEY, REGION_COLUMN, REGIONS, RegionSpec
+
 HEAD = [("key", pa.string()), ("source_uri", pa.string()), ("status", pa.string()), ("error", pa.string())]
 SOURCE = [("source_sha256", pa.string()), ("source_bytes", pa.int64())]
 TAIL = [("model", pa.string()), ("checkpoint_sha256", pa.string()),
         ("run_id", pa.string())]  # run_id: the run that wrote the row
 
 
-def _embedding(embedding_dim: int) -> list[tuple[str, pa.DataType]]:
-    return [("embedding", pa.list_(pa.float32(), embedding_dim)), ("embedding_model", pa.string())]
+def _embedding(embedding_dim: int) -> list[tuple[str, pa.DataType] | pa.Field]:
+    return [("embedding", pa.list_(pa.float32(), embedding_dim)), region_field(embedding_dim),
+            ("embedding_model", pa.string())]
+
+
+def region_field(embedding_dim: int, spec: RegionSpec = REGIONS) -> pa.Field:
+    """``region_embeddings``: the embedder's vectors of ``spec.count`` windows of the image
+    (``models/regions.py``), null where ``embedding`` is; the layout rides in the field's metadata."""
+    return pa.field(REGION_COLUMN, pa.list_(pa.list_(pa.float32(), embedding_dim), spec.count),
+                    metadata={FIELD_META_KEY: spec.layout_id().encode()})
 
 
 def clean_schema(embedding_dim: int) -> pa.Schema:

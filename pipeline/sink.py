@@ -64,17 +64,24 @@ def _column(batch: Batch, name: str, idx: list[int], typ: pa.DataType) -> pa.Arr
         return pa.nulls(len(idx), typ)
     col = batch[name]
     if pa.types.is_fixed_size_list(typ):  # embeddings travel as float32 bytes (nullable)
-        dim = typ.list_size
-        flat = np.zeros((len(idx), dim), np.float32)
+        sizes = [typ.list_size]  # [dim], or [regions, dim] for region_embeddings
+        while pa.types.is_fixed_size_list(typ.value_type):
+            typ = typ.value_type
+            sizes.append(typ.list_size)
+        size = int(np.prod(sizes))
+        flat = np.zeros((len(idx), size), np.float32)
         valid = np.zeros(len(idx), bool)
         for j, i in enumerate(idx):
             v = col[i]
             if v is None:
                 continue
             arr = np.frombuffer(v, np.float32) if isinstance(v, (bytes, bytearray)) else np.asarray(v, np.float32)
-            if arr.size == dim:
-                flat[j], valid[j] = arr, True
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(~valid))
+            if arr.size == size:
+                flat[j], valid[j] = arr.reshape(-1), True
+        values: pa.Array = pa.array(flat.reshape(-1))
+        for n in reversed(sizes[1:]):
+            values = pa.FixedSizeListArray.from_arrays(values, n)
+        return pa.FixedSizeListArray.from_arrays(values, sizes[0], mask=pa.array(~valid))
     vals = [col[i] for i in idx]
     if col.dtype.kind == "f":
         return pa.array([None if np.isnan(v) else float(v) for v in vals], typ)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from jobs import train_embedder as te
 from models.embedder import EmbedderEngine, prepare
+from models.regions import REGIONS, RegionSpec
 from tests.conftest import make_image
 
 
@@ -81,6 +82,34 @@ def test_engine_interface(trained: tuple[Path, dict]) -> None:  # type: ignore[t
     assert eng.embed([]).shape == (0, 16)
 
 
+def test_region_windows() -> None:
+    assert REGIONS == RegionSpec() and (REGIONS.count, REGIONS.keep, REGIONS.size) == (5, 0.5, 160)
+    # a 481x321 photo prepared at 160 is 240x160: windows of sqrt(0.5) of each side, corners + centre
+    assert REGIONS.boxes(160, 240) == [(0, 0, 113, 170), (0, 70, 113, 170), (47, 0, 113, 170), (47, 70, 113, 170),
+                                       (23, 35, 113, 170)]
+    assert json.loads(REGIONS.layout_id()) == {"count": 5, "keep": 0.5, "size": 160, "windows": "corners+centre"}
+
+
+def test_engine_region_vectors(trained: tuple[Path, dict]) -> None:  # type: ignore[type-arg]
+    out, _ = trained
+    eng = EmbedderEngine(str(out / "release"), threads=1, device="cpu")
+    imgs = [make_image(481, 321, 1), make_image(20, 90, 2), make_image(1, 1, 3)]
+    full, reg = eng.embed_with_regions(imgs)
+    assert full.shape == (3, 16) and reg.shape == (3, 5, 16)
+    assert full.dtype == np.float32 and reg.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(reg, axis=2), 1.0, atol=1e-5)
+    np.testing.assert_allclose(full, eng.embed(imgs), atol=1e-6)  # one pass shares the work, same vectors
+    np.testing.assert_allclose(reg, eng.embed_regions(imgs), atol=1e-6)
+    assert eng.embed_regions([]).shape == (0, 5, 16)
+    # each window: the image prepared at a shorter side of 160, cut by the spec's boxes, no resize
+    p = prepare(imgs[0], 160, eng.config.max_aspect)
+    assert p.shape == (160, 240, 3)
+    for j, (y, x, h, w) in enumerate(REGIONS.boxes(160, 240)):
+        t = torch.from_numpy(np.ascontiguousarray(p[y : y + h, x : x + w])).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            np.testing.assert_allclose(reg[0, j], eng.model(t).numpy()[0], atol=1e-5)
+
+
 def test_engine_refuses_a_denoiser(tiny_checkpoint: str) -> None:
     with pytest.raises(ValueError, match="not an embedder"):
         EmbedderEngine(tiny_checkpoint, device="cpu")
@@ -111,6 +140,7 @@ def test_copy_views_and_info_nce() -> None:
 def test_float32_on_gpu_matches_cpu(trained: tuple[Path, dict]) -> None:  # type: ignore[type-arg]
     out, _ = trained
     imgs = [make_image(200, 150, i) for i in range(3)]
-    cpu = EmbedderEngine(str(out / "release"), device="cpu").embed(imgs)
-    gpu = EmbedderEngine(str(out / "release"), device="cuda").embed(imgs)
-    np.testing.assert_allclose(cpu, gpu, atol=1e-4)
+    cpu = EmbedderEngine(str(out / "release"), device="cpu").embed_with_regions(imgs)
+    gpu = EmbedderEngine(str(out / "release"), device="cuda").embed_with_regions(imgs)
+    np.testing.assert_allclose(cpu[0], gpu[0], atol=1e-4)
+    np.testing.assert_allclose(cpu[1], gpu[1], atol=1e-4)  # the region vectors too

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +28,7 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     torch.manual_seed(0)
     cfg = registry.make_config("copy-embedder", "tiny")
-    model = registry.build("copy-embedder", cfg).eval()
+    model: Any = registry.build("copy-embedder", cfg).eval()
     # A random CNN maps every image to nearly one direction (positive pooled features); centring
     # the projection on sample pictures spreads them so that neighbours are meaningful.
     x = torch.stack([torch.from_numpy(np.array(prepare(photo(1000 + i, 40, 40), cfg.input_size, cfg.max_aspect)))
@@ -37,7 +39,11 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> str:
         g = f.clamp_min(1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
         model.proj.bias -= model.proj(g).mean(0)
     path = tmp_path_factory.mktemp("emb") / "tiny-embedder.safetensors"
-    checkpoint.save(path, "copy-embedder", cfg, model, {"kind": "embedder", "steps": 0, "dedup_threshold": 0.99})
+    from models.regions import REGIONS
+
+    checkpoint.save(path, "copy-embedder", cfg, model, {"kind": "embedder", "steps": 0, "dedup_threshold": 0.99,
+                                                        "dedup_threshold_regions": 0.995,
+                                                        "metrics": {"calib_regions_layout": REGIONS.layout_id()}})
     return str(path)
 
 
@@ -46,6 +52,16 @@ def engine(tiny_embedder: str):  # type: ignore[no-untyped-def]
     from models.embedder import EmbedderEngine
 
     return EmbedderEngine(tiny_embedder, threads=1, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def region_engine(tiny_embedder: str):  # type: ignore[no-untyped-def]
+    """The tiny embedder with its windows scaled to its 32 px input as embedder-base's 113 px
+    windows are to its 128 px one: prepared at 45 px, the half-area windows are 32 px."""
+    from models.embedder import EmbedderEngine
+    from models.regions import RegionSpec
+
+    return EmbedderEngine(tiny_embedder, threads=1, device="cpu", regions=RegionSpec(size=45))
 
 
 def photo(seed: int, w: int = 48, h: int = 40) -> np.ndarray:
@@ -57,15 +73,25 @@ def photo(seed: int, w: int = 48, h: int = 40) -> np.ndarray:
     return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
 
 
-def rows_for(engine, items: list[tuple[str, np.ndarray | None]], model: str | None = None,  # type: ignore[no-untyped-def]
-             sizes: dict[str, tuple[int, int]] | None = None) -> pa.Table:
-    """DST rows in the layout aejob writes (error rows where the image is None)."""
+def rows_for(engine, items: Sequence[tuple[str, np.ndarray | None]], model: str | None = None,  # type: ignore[no-untyped-def]
+             sizes: dict[str, tuple[int, int]] | None = None, regions: bool = False) -> pa.Table:
+    """DST rows in the layout aejob writes (error rows where the image is None); ``regions``:
+    with the ``region_embeddings`` column (as clean and compress write it), else as DSTs from
+    before regions."""
     ok = [img for _, img in items if img is not None]
-    vecs = iter(engine.embed(ok)) if ok else iter([])
-    emb, status, image, sha, w, h = [], [], [], [], [], []
+    full, reg = engine.embed_with_regions(ok) if ok else (np.zeros((0, engine.dim)), np.zeros((0, 5, engine.dim)))
+    vecs, regs = iter(full), iter(reg)
+    emb: list[Any] = []
+    region: list[Any] = []
+    status: list[str] = []
+    image: list[bytes | None] = []
+    sha: list[str] = []
+    w: list[int | None] = []
+    h: list[int | None] = []
     for key, img in items:
         if img is None:
             emb.append(None)
+            region.append(None)
             status.append("error")
             image.append(None)
             sha.append("bad")
@@ -73,13 +99,14 @@ def rows_for(engine, items: list[tuple[str, np.ndarray | None]], model: str | No
             h.append(None)
         else:
             emb.append(next(vecs).tolist())
+            region.append(next(regs).tolist())
             status.append("ok")
             image.append(encode(img))
             sha.append(str(int(img.astype(np.int64).sum())) + key)
             ww, hh = (sizes or {}).get(key, (img.shape[1], img.shape[0]))
             w.append(ww)
             h.append(hh)
-    return pa.table({
+    table = pa.table({
         "key": pa.array([k for k, _ in items], pa.string()),
         "status": pa.array(status, pa.string()),
         "width": pa.array(w, pa.int32()), "height": pa.array(h, pa.int32()),
@@ -88,6 +115,12 @@ def rows_for(engine, items: list[tuple[str, np.ndarray | None]], model: str | No
         "embedding_model": pa.array([model or engine.model_id] * len(items), pa.string()),
         "source_sha256": pa.array(sha, pa.string()),
     })
+    if regions:
+        from pipeline.schemas import region_field
+
+        f = region_field(engine.dim, engine.regions)
+        table = table.add_column(5, f, pa.array(region, f.type))
+    return table
 
 
 def write_part(dst: str, name: str, table: pa.Table) -> None:
@@ -136,9 +169,11 @@ def test_image_finds_itself_first(tmp_path: Path, engine, tiny_embedder: str, ki
         assert scores == sorted(scores, reverse=True)
 
 
-def test_json_shape_with_undecodable_query(tmp_path: Path, engine, tiny_embedder: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("regions", [False, True])
+def test_json_shape_with_undecodable_query(tmp_path: Path, engine, tiny_embedder: str,  # type: ignore[no-untyped-def]
+                                           regions: bool) -> None:
     dst = str(tmp_path / "dst")
-    write_part(dst, "a.parquet", rows_for(engine, [(f"k{i}", photo(i)) for i in range(5)]))
+    write_part(dst, "a.parquet", rows_for(engine, [(f"k{i}", photo(i)) for i in range(5)], regions=regions))
     vindex.build(dst)
     good = tmp_path / "good.png"
     good.write_bytes(encode(photo(2)))
@@ -156,6 +191,7 @@ def test_json_shape_with_undecodable_query(tmp_path: Path, engine, tiny_embedder
     assert set(res[1]) == {"query", "results"}
     assert all(set(h) == {"key", "score"} for h in res[1]["results"])
     assert res[1]["results"][0]["key"] == "k2"
+    assert len({h["key"] for h in res[1]["results"]}) == 2  # distinct keys, even with 6 vectors per key
     code, out, _ = cli("search", dst, str(good), "-k", "2", "--checkpoint", tiny_embedder)
     assert code == 0 and "k2" in out  # the table
 
@@ -262,11 +298,12 @@ def test_index_round_trip_through_s3(s3_server, engine, tiny_embedder: str, tmp_
     assert storage.exists(storage.join(dst, "_dedup", "groups.parquet"))
 
 
-def test_dedup_groups_and_keep(tmp_path: Path, engine, tiny_embedder: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("regions", [False, True])
+def test_dedup_groups_and_keep(tmp_path: Path, engine, tiny_embedder: str, regions: bool) -> None:  # type: ignore[no-untyped-def]
     dst = str(tmp_path / "dst")
     a = photo(7)
     items = [("a-small.png", a), ("a-big.png", a.copy()), ("other1", photo(1)), ("other2", photo(2))]
-    write_part(dst, "p.parquet", rows_for(engine, items, sizes={"a-big.png": (960, 800)}))
+    write_part(dst, "p.parquet", rows_for(engine, items, sizes={"a-big.png": (960, 800)}, regions=regions))
     # the checkpoint's calibrated threshold is used by default: found through --checkpoint
     code, out, err = cli("dedup", dst, "--checkpoint", tiny_embedder)
     assert code == 0, err
@@ -282,7 +319,8 @@ def test_dedup_groups_and_keep(tmp_path: Path, engine, tiny_embedder: str) -> No
     for g in groups:
         assert sum(r["keep"] for r in rows if r["group"] == g) == 1
     summary = json.loads((tmp_path / "dst" / "_dedup" / "summary.json").read_text())
-    assert summary["threshold"] == pytest.approx(0.99)
+    # with region vectors, the threshold calibrated for them (for the layout of the index)
+    assert summary["threshold"] == pytest.approx(0.995 if regions else 0.99)
     # a threshold nothing reaches: no groups, still a valid (empty) table
     code, _, err = cli("dedup", dst, "--threshold", "1.5")
     assert code == 0, err
@@ -321,3 +359,180 @@ def test_dedup_groups_do_not_chain() -> None:
                              ["a", "b", "c", "d"], [""] * 4, v)
     assert vindex.duplicate_groups(idx, float(np.cos(np.deg2rad(25))), k=3) == [[0, 1]]
     assert vindex.duplicate_groups(idx, float(np.cos(np.deg2rad(25))), k=3, priority=[1, 0, 2, 3]) == [[1, 0, 2]]
+
+
+# ------------------------------------------------------------------------------- region vectors
+def half_crops(img: np.ndarray) -> list[np.ndarray]:
+    """Crops keeping half the area: top-left, bottom-right, centre."""
+    h, w = img.shape[:2]
+    ch, cw = round(h * 0.5**0.5), round(w * 0.5**0.5)
+    return [img[y : y + ch, x : x + cw] for y, x in ((0, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2))]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_half_area_crop_found_through_regions(tmp_path: Path, region_engine, kind: str) -> None:  # type: ignore[no-untyped-def]
+    items = [(f"p{i:02d}", photo(i, 90, 72)) for i in range(12)]
+    with_regions, full_only = str(tmp_path / "regions"), str(tmp_path / "full")
+    write_part(with_regions, "p.parquet", rows_for(region_engine, items, regions=True))
+    write_part(full_only, "p.parquet", rows_for(region_engine, items))
+    s = vindex.build(with_regions, kind=kind)
+    assert (s["count"], s["vectors"], s["regions"], s["rows_without_regions"]) == (12, 72, 5, 0)
+    assert vindex.build(full_only, kind=kind)["vectors"] == 12
+    idx, flat = vindex.load(with_regions), vindex.load(full_only)
+    assert idx.meta["regions"]["size"] == 45 and flat.meta["regions"] is None
+    targets = [0, 3, 7, 10]
+    crops = [c for t in targets for c in half_crops(items[t][1])]
+    truth = [f"p{t:02d}" for t in targets for _ in range(3)]
+    q = region_engine.embed(crops)
+    hits = idx.search(q, 3)
+    assert [idx.keys[h[0][0]] for h in hits] == truth  # every half crop finds its picture first
+    for h, qv, key in zip(hits, q, truth):
+        assert len({r for r, _ in h}) == 3  # distinct keys
+        row = idx.keys.index(key)
+        assert h[0][1] > float(idx.vectors[row] @ qv) + 0.05  # the window scores above the full vector
+    full_hits = flat.search(q, 1)
+    assert sum(flat.keys[h[0][0]] == k for h, k in zip(full_hits, truth)) < len(truth)  # full only misses some
+
+    # dedup: a crop stored as a row links to its picture through the window (and not full to full)
+    crop_items = items + [("crop", half_crops(items[3][1])[0])]
+    dd, dd_full = str(tmp_path / "dd"), str(tmp_path / "dd_full")
+    write_part(dd, "p.parquet", rows_for(region_engine, crop_items, regions=True))
+    write_part(dd_full, "p.parquet", rows_for(region_engine, crop_items))
+    vindex.build(dd, kind=kind)
+    vindex.build(dd_full, kind=kind)
+    a, b = vindex.load(dd), vindex.load(dd_full)
+    ra, rc = a.keys.index("p03"), a.keys.index("crop")
+    link, full_score = a.pair_score(ra, rc), float(a.vectors[ra] @ a.vectors[rc])
+    assert link > full_score + 0.05
+    t = link - 1e-4
+    assert any(ra in g and rc in g for g in vindex.duplicate_groups(a, t, k=3))
+    assert not any(b.keys.index("crop") in g and b.keys.index("p03") in g for g in vindex.duplicate_groups(b, t, k=3))
+
+
+def test_dst_before_regions_then_mixed(tmp_path: Path, engine, tiny_embedder: str) -> None:  # type: ignore[no-untyped-def]
+    """A DST written before regions indexes and searches; new files with regions next to old
+    ones: the index is rebuilt with the region layout, the old rows by their full vector only."""
+    dst = str(tmp_path / "dst")
+    write_part(dst, "old.parquet", rows_for(engine, [(f"a{i}", photo(i)) for i in range(4)]))
+    s = vindex.build(dst)
+    assert (s["count"], s["vectors"], s["regions"], s["rebuilt"]) == (4, 4, 0, None)
+    q = tmp_path / "q.png"
+    q.write_bytes(encode(photo(2)))
+    code, out, err = cli("search", dst, str(q), "-k", "2", "--json", "--checkpoint", tiny_embedder)
+    assert code == 0, err
+    assert json.loads(out)[0]["results"][0]["key"] == "a2"
+    # an index written before regions (format 1: no `region` column, no `regions` in meta) still loads
+    meta = vindex.read_meta(dst)
+    assert meta is not None
+    ids_uri = storage.join(dst, "_index", meta["ids_file"])
+    t = pq.read_table(io.BytesIO(storage.read_bytes(ids_uri)))
+    write_part(dst, "_index/" + meta["ids_file"], t.drop_columns(["region"]))
+    v1 = {k: v for k, v in meta.items() if k not in ("regions", "rows_without_regions", "scoring", "vectors")}
+    storage.write_bytes(storage.join(dst, "_index", "meta.json"), json.dumps({**v1, "format_version": 1}).encode())
+    idx = vindex.load(dst)
+    assert idx.n_regions == 0 and idx.keys[idx.search(engine.embed([photo(1)]), 1)[0][0][0]] == "a1"
+    assert vindex.build(dst)["added"] == 0  # a format-1 index updates in place
+    # a new run writes files with region vectors: the layout changed, the index is rebuilt
+    write_part(dst, "new.parquet", rows_for(engine, [(f"b{i}", photo(20 + i)) for i in range(3)], regions=True))
+    s = vindex.build(dst)
+    assert s["rebuilt"] and "region layout changed" in s["rebuilt"]
+    assert (s["count"], s["regions"], s["rows_without_regions"], s["vectors"]) == (7, 5, 4, 4 + 3 * 6)
+    idx = vindex.load(dst)
+    assert idx.meta["format_version"] == vindex.FORMAT_VERSION and idx.meta["rows_without_regions"] == 4
+    top = idx.search(engine.embed([photo(1), photo(21)]), 1)
+    assert [idx.keys[h[0][0]] for h in top] == ["a1", "b1"]
+    for cmd in (["dedup", dst, "--threshold", "0.9999"], ["groups", dst, "-k", "2"]):
+        code, _, err = cli(*cmd)
+        assert code == 0, err
+    assert vindex.build(dst)["rebuilt"] is None  # same layout now: an ordinary update
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_incremental_drops_every_vector_of_a_key(tmp_path: Path, region_engine, kind: str) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "dst")
+    write_part(dst, "p0.parquet", rows_for(region_engine, [(f"a{i}", photo(i, 90, 72)) for i in range(6)],
+                                           regions=True))
+    write_part(dst, "p1.parquet", rows_for(region_engine, [(f"b{i}", photo(10 + i, 90, 72)) for i in range(2)],
+                                           regions=True))
+    first = vindex.build(dst, kind=kind)
+    assert (first["count"], first["vectors"]) == (8, 48)
+    before = vindex.load(dst)
+    old_labels = {k: {int(before.ids[r])} | set(before.region_ids[r].tolist()) for r, k in enumerate(before.keys)}
+    # b* deleted, a2 changed
+    items = [(f"a{i}", photo(i, 90, 72)) for i in range(6)]
+    items[2] = ("a2", photo(77, 90, 72))
+    write_part(dst, "p0.parquet", rows_for(region_engine, items, regions=True))
+    storage.delete(storage.join(dst, "p1.parquet"))
+    second = vindex.build(dst, kind=kind)
+    assert (second["added"], second["replaced"], second["removed"], second["vectors"]) == (0, 1, 2, 36)
+    idx = vindex.load(dst)
+    labels, rows, slots, _ = idx.flat()
+    assert len(labels) == len(set(labels.tolist())) == 36
+    gone = old_labels["b0"] | old_labels["b1"] | old_labels["a2"]
+    assert not gone & set(labels.tolist())
+    assert old_labels["a0"] <= set(labels.tolist())  # unchanged rows keep their labels
+    if kind == "hnsw":
+        assert sorted(np.asarray(idx.hnsw.keys).tolist()) == sorted(labels.tolist())
+    # the id table: six vectors per key (full + 5 windows), labels mapped by key, never row order
+    t = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(dst, "_index", idx.meta["ids_file"]))))
+    per_key: dict[str, list[int]] = {}
+    for k, r in zip(t.column("key").to_pylist(), t.column("region").to_pylist()):
+        per_key.setdefault(k, []).append(r)
+    assert {k: sorted(v) for k, v in per_key.items()} == {f"a{i}": [-1, 0, 1, 2, 3, 4] for i in range(6)}
+    # a deleted key's window no longer answers; the changed key answers with its new content
+    q = region_engine.embed([half_crops(photo(10, 90, 72))[0], half_crops(photo(77, 90, 72))[0]])
+    hits = idx.search(q, 3)
+    assert not any(idx.keys[r].startswith("b") for h in hits for r, _ in h)
+    assert idx.keys[hits[1][0][0]] == "a2"
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_clean_and_compress_write_region_vectors(tmp_path: Path, tiny_checkpoint: str, tiny_codec: str) -> None:
+    """Real runs of both jobs (default embedder), their Parquet read back, then indexed and searched."""
+    import pyarrow.dataset as pads
+
+    from jobs import clean, compress
+    from models.embedder import EmbedderEngine
+    from models.regions import REGIONS
+    from pipeline import runner
+    from pipeline.decode import decode_image
+
+    image_folder = tmp_path / "src"
+    image_folder.mkdir()
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    for i, name in enumerate(names):
+        (image_folder / name).write_bytes(encode(photo(200 + i, 96, 72)))
+    (image_folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    eng = EmbedderEngine("embedder-base", threads=1, device="cpu")
+    specs = {
+        "clean": clean.build_spec(clean.CleanConfig(src=str(image_folder), dst=str(tmp_path / "clean"),
+                                                    checkpoint=tiny_checkpoint), runner.RayOptions()),
+        "compress": compress.build_spec(compress.CompressConfig(src=str(image_folder), dst=str(tmp_path / "compress"),
+                                                                checkpoint=tiny_codec, quality=2),
+                                        runner.RayOptions()),
+    }
+    for job, spec in specs.items():
+        dst = str(tmp_path / job)
+        assert runner.run_job(spec, progress=False).ok
+        f = pq.read_schema(next(Path(dst).glob("*.parquet"))).field("region_embeddings")
+        assert (f.type.list_size, f.type.value_type.list_size, f.type.value_type.value_type) == (5, 256, pa.float32())
+        assert json.loads(f.metadata[b"aejob.regions"]) == REGIONS.describe()
+        rows = {r["key"]: r for r in pads.dataset(dst, format="parquet").to_table().to_pylist()}
+        assert rows["broken.jpg"]["embedding"] is None and rows["broken.jpg"]["region_embeddings"] is None
+        for k in names:
+            reg = np.asarray(rows[k]["region_embeddings"], np.float32)
+            assert reg.shape == (5, 256)
+            np.testing.assert_allclose(np.linalg.norm(reg, axis=1), 1.0, atol=1e-4)
+        # the vectors of the image the row describes: the cleaned image (clean), the source (compress)
+        img = (decode_image(rows["c.png"]["image"]).pixels if job == "clean"
+               else decode_image((image_folder / "c.png").read_bytes()).pixels)
+        full, reg = eng.embed_with_regions([img])
+        np.testing.assert_allclose(rows["c.png"]["embedding"], full[0], atol=1e-5)
+        np.testing.assert_allclose(rows["c.png"]["region_embeddings"], reg[0], atol=1e-5)
+        s = vindex.build(dst)
+        assert (s["count"], s["regions"], s["vectors"], s["rows_without_regions"]) == (4, 5, 24, 0)
+        q = tmp_path / f"{job}-q.png"
+        q.write_bytes(encode(half_crops(img)[0]))
+        code, out, err = cli("search", dst, str(q), "-k", "2", "--json")
+        assert code == 0, err
+        assert json.loads(out)[0]["results"][0]["key"] == "c.png"
