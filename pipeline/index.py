@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,11 +97,11 @@ def open_dst(dst: str) -> tuple[pads.Dataset, dict[str, Any] | None]:
         fs, path = storage.resolve(dst)
         ds = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
         fields: dict[str, pa.Field] = {}
-        for frag in ds.get_fragments():
-            sch = frag.physical_schema
-            if REGION_COLUMN in sch.names:
-                f = sch.field(REGION_COLUMN)
-                fields.setdefault(_layout_of(f), f)
+        with ThreadPoolExecutor(16) as pool:  # one footer read per file: in parallel on s3://
+            for sch in pool.map(lambda frag: frag.physical_schema, ds.get_fragments()):
+                if REGION_COLUMN in sch.names:
+                    f = sch.field(REGION_COLUMN)
+                    fields.setdefault(_layout_of(f), f)
     except (FileNotFoundError, OSError) as e:
         raise SearchIndexError(f"{dst}: not a readable dataset ({e})") from None
     if len(fields) > 1:
