@@ -454,7 +454,7 @@ def bench_search(data: str, extra: str, cbsd: str, checkpoint: str, distractors:
                                                                       for k in ("precision", "recall")}}
     dedup["at_full_vector_threshold"] = {"threshold": full_threshold,
                                          **{k: res[full_threshold]["groups"][k] for k in ("precision", "recall")}}
-    sweep = {f"{t:.3f}": {kind: {m: res[t][kind][m] for m in ("precision", "recall")} for kind in ("groups", "pairs")}
+    sweep = {f"{t:.4f}": {kind: {m: res[t][kind][m] for m in ("precision", "recall")} for kind in ("groups", "pairs")}
              for t in grid}
     full_index = vindex.SearchIndex({"kind": "flat", "embedding_model": "bench"},
                                     np.arange(len(labels), dtype=np.uint64), [str(i) for i in range(len(labels))],
