@@ -28,20 +28,21 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
 import typer
-from PIL import Image, features
+from PIL import Image
 
+from models import avif as avif_codec
+from models.avif import AvifSettings
 from models.codec import CodecEngine, macs_per_pixel, param_count
 from models.data import list_images, load_rgb, photo_split
 from models.metrics import psnr_uint8
+from models.restore import AvifRestoreCodec
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ JPEG_QUALITIES = tuple(range(5, 96, 5))
 WEBP_QUALITIES = tuple(range(5, 96, 5))
 # libavif's quality 10..95 spans about 0.1–2.9 bpp on the held-out photos (0.17–4.9 on CBSD68)
 AVIF_QUALITIES = (10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95)
-AVIF_SPEED = 6  # libavif's speed 0 (slowest, best) .. 10; 6 is Pillow's default
-AVIF_SUBSAMPLING = "4:2:0"  # Pillow's default for RGB, as JPEG's here
+AVIF_SPEED = avif_codec.SPEED
+AVIF_SUBSAMPLING = avif_codec.SUBSAMPLING
 CLIP_BPP = (0.15, 2.5)  # issue #16's rate range for the clipped BD-rates
 SPEED_SIZE = (768, 512)  # width, height
 CLASSICAL = ("jpeg", "webp", "avif")
@@ -131,37 +132,7 @@ def _measure(img: np.ndarray, data: bytes, rec: np.ndarray) -> dict[str, float]:
 
 
 def avif_available() -> bool:
-    return bool(features.check("avif"))
-
-
-@dataclass(frozen=True)
-class AvifSettings:
-    """libavif settings through Pillow, pinned for the whole run and recorded in the JSON."""
-
-    speed: int = AVIF_SPEED
-    subsampling: str = AVIF_SUBSAMPLING
-    threads: int = 2  # max_threads of the encoder and of the decoder
-
-    def describe(self, qualities: Sequence[int]) -> dict[str, Any]:
-        from PIL import AvifImagePlugin, _avif  # type: ignore[attr-defined]
-
-        return {"pillow": Image.__version__, "libavif": features.version("avif"),
-                "codecs": _avif.codec_versions(), "encoder_codec": "auto", "decoder_codec":
-                AvifImagePlugin.DECODE_CODEC_CHOICE, "speed": self.speed, "subsampling": self.subsampling,
-                "range": "full", "max_threads": self.threads, "qualities": list(qualities)}
-
-
-@contextmanager
-def _avif_decode_threads(threads: int) -> Iterator[None]:
-    """Pillow's AVIF decoder takes its thread count from a module setting."""
-    from PIL import AvifImagePlugin
-
-    old = AvifImagePlugin.DEFAULT_MAX_THREADS
-    AvifImagePlugin.DEFAULT_MAX_THREADS = threads
-    try:
-        yield
-    finally:
-        AvifImagePlugin.DEFAULT_MAX_THREADS = old
+    return avif_codec.available()
 
 
 def pil_encode(img: np.ndarray, fmt: str, quality: int, avif: AvifSettings | None = None) -> bytes:
@@ -170,14 +141,13 @@ def pil_encode(img: np.ndarray, fmt: str, quality: int, avif: AvifSettings | Non
     if fmt == "JPEG":
         kwargs["subsampling"] = "4:2:0"
     if fmt == "AVIF":
-        a = avif or AvifSettings()
-        kwargs.update(speed=a.speed, subsampling=a.subsampling, max_threads=a.threads)
+        return avif_codec.encode(img, quality, avif)
     Image.fromarray(img).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
 
 
 def pil_decode(data: bytes, avif: AvifSettings | None = None) -> np.ndarray:
-    with _avif_decode_threads((avif or AvifSettings()).threads), Image.open(io.BytesIO(data)) as im:
+    with avif_codec.decode_threads((avif or AvifSettings()).threads), Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB")).copy()
 
 
@@ -399,6 +369,16 @@ def bench_codec(
 
 def learned_info(engine: CodecEngine) -> dict[str, Any]:
     model = engine.model
+    if isinstance(model, AvifRestoreCodec):  # AV1 codes; the filter runs in the encoder (strengths) and decoder
+        macs = macs_per_pixel(model)["decoder"]
+        return {
+            "checkpoint": {"path": str(engine.path), "sha256": engine.sha256, "name": engine.name},
+            "model": {"params": param_count(model), "params_decoder": param_count(model),
+                      "params_encoder": param_count(model), "float16_mb": round(param_count(model) * 2 / 2**20, 2),
+                      "macs_per_pixel": {"encoder": macs, "decoder": macs},
+                      "base_layer": model.settings().describe(model.config.avif_qualities)},
+            "default_quality": engine.default_quality,
+        }
     return {
         "checkpoint": {"path": str(engine.path), "sha256": engine.sha256, "name": engine.name},
         "model": {

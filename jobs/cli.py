@@ -348,7 +348,7 @@ def _register_plugins() -> None:
 
     bench_pipeline.register(bench_app)
     for mod, target in (("jobs.bench", bench_app), ("jobs.bench_codec", bench_app), ("jobs.bench_scale", bench_app),
-                        ("jobs.train_codec", train_app), ("jobs.submit", app), ("jobs.verify", app),
+                        ("jobs.train_codec", train_app), ("jobs.train_restore", train_app), ("jobs.submit", app), ("jobs.verify", app),
                         ("jobs.train_embedder", train_app), ("jobs.search", app), ("jobs.bench_search", bench_app), ("jobs.report", app)):
         try:
             module = __import__(mod, fromlist=["register"])

@@ -34,7 +34,9 @@ class CompressConfig(runner.JobConfig):
 def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
     ck_path = checkpoint.resolve(cfg.checkpoint)
     meta = checkpoint.read_meta(ck_path)
-    qualities = list(range(1, len(meta["config"]["lambdas"]) + 1))
+    # the rungs: one per λ of a learned codec, one per libavif quality of avif-restore-codec
+    rungs = meta["config"].get("lambdas") or meta["config"].get("avif_qualities") or []
+    qualities = list(range(1, len(rungs) + 1))
     rate_control = rate_control_settings(cfg)
     quality: int | None = None
     if rate_control is None:

@@ -421,7 +421,7 @@ class FactorizedCodec(nn.Module):
         return F.normalize(v, dim=1)[0].numpy().astype(np.float32)
 
 
-def macs_per_pixel(model: FactorizedCodec, size: int = 64) -> dict[str, float]:
+def macs_per_pixel(model: nn.Module, size: int = 64) -> dict[str, float]:
     """Multiply-adds per image pixel of the encoder and the decoder, counted from the
     convolutions and GDN layers of one forward pass on a ``size``x``size`` input (entropy
     coding not included). The encoder runs g_a (and a hyperprior's h_a and h_s, which it needs
@@ -490,15 +490,19 @@ class CodecEngine:
 
         if threads:
             torch.set_num_threads(threads)
+        from models import registry
+
         ck = checkpoint.load(checkpoint_ref, map_location="cpu")
-        if not isinstance(ck.model, FactorizedCodec):
+        if registry.get(ck.name).kind != "codec":
             raise checkpoint.CheckpointError(f"{checkpoint_ref}: {ck.name} is not a codec")
+        model: Any = ck.model
         try:
-            ck.model.load_coding_tensors(ck.meta.get("_extra_tensors", {}))
+            model.load_coding_tensors(ck.meta.get("_extra_tensors", {}))
         except EntropyCodingError as e:
             raise checkpoint.CheckpointError(f"{checkpoint_ref}: {e}") from e
         self.device = torch.device(device)
-        self.model: FactorizedCodec = ck.model.eval()
+        # a FactorizedCodec family member or an AvifRestoreCodec: the same coding interface
+        self.model: Any = model.eval()
         if self.device.type != "cpu":
             # Only the encoder's float transforms move: a stream's tables are chosen by integer
             # networks on the decoded symbols (CPU, bit-exact), so where g_a/h_a ran cannot make
@@ -509,10 +513,9 @@ class CodecEngine:
         self.name = ck.name
         self.sha256 = ck.sha256
         self.path = ck.path
-        self.config: CodecConfig = ck.config
+        self.config: Any = ck.config
         self.qualities = list(range(1, ck.config.num_qualities + 1))
         self.default_quality = ck.config.default_quality
-        self.embedding_dim = ck.config.embedding_dim
 
     def compress(self, img: np.ndarray, quality: int | None = None) -> bytes:
         q = self.default_quality if quality is None else quality

@@ -100,9 +100,10 @@ def _load_builtin() -> None:
 
     embedder.register_all(register, Entry)
     try:
-        from models import checkerboard, codec, hyperprior
+        from models import checkerboard, codec, hyperprior, restore
     except ImportError:  # the codec modules are optional until they land
         return
     codec.register_all(register, Entry)
     hyperprior.register_all(register, Entry)
     checkerboard.register_all(register, Entry)
+    restore.register_all(register, Entry)

@@ -167,6 +167,21 @@ def _tiny_codec_checkpoint(name: str, folder: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_restore_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny avif-restore-codec whose (random) filter is not the identity."""
+    import torch
+
+    from models import checkpoint, registry
+
+    torch.manual_seed(0)
+    model = registry.build("avif-restore-codec", registry.make_config("avif-restore-codec", "tiny"))
+    torch.nn.init.normal_(model.post.out.weight, std=0.01)  # type: ignore[union-attr, arg-type]
+    path = tmp_path_factory.mktemp("rcodec") / "tiny-avif-restore-codec"
+    checkpoint.save(path, "avif-restore-codec", model.config, model, {"kind": "codec"})  # type: ignore[arg-type]
+    return str(path.with_suffix(".safetensors"))
+
+
+@pytest.fixture(scope="session")
 def tiny_codec(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny factorized codec checkpoint."""
     return _tiny_codec_checkpoint("factorized-codec", tmp_path_factory.mktemp("codec"))

@@ -21,7 +21,8 @@ from pipeline import runner
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-@pytest.mark.parametrize("codec", ["tiny_codec", "tiny_hyper_codec", "tiny_checkerboard_codec"])
+@pytest.mark.parametrize("codec", ["tiny_codec", "tiny_hyper_codec", "tiny_checkerboard_codec",
+                                   "tiny_restore_codec"])
 def test_compress_then_decompress(image_folder: Path, tmp_path: Path, codec: str,
                                   request: pytest.FixtureRequest) -> None:
     tiny_codec = request.getfixturevalue(codec)
