@@ -368,6 +368,7 @@ def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
     commit: Commit | None = None
     resources: dict[str, Any] = {}
     curve: list[list[float]] = []
+    marks: dict[str, float] = {}  # first_row_s: run start to the first row back at the driver
     status, reason = "succeeded", None
     try:
         state = layout.prepare(spec.dst, spec.fingerprint, spec.config.overwrite,  # commit side first
@@ -389,27 +390,27 @@ def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
                          "cluster_cpus": cpus, "cluster_gpus": gpus}
             log.info("actors: %s", resources)
             ds = build_dataset(spec, plan, run_id, ap)
-            status, reason = _drain(ds, commit, spec, plan.units, progress, t0, curve)
+            status, reason = _drain(ds, commit, spec, plan.units, progress, t0, curve, marks)
         sync = reconcile(spec, run_id, state, plan, commit)
         if state.small + commit.small >= commit_mod.AUTO_COMPACT_SHARDS:
             sync.update(commit_mod.compact(spec.dst, run_id, spec.config.shard_size, spec.ray.address))
     except BaseException as e:
         status, reason = "failed", f"{type(e).__name__}: {e}"
         lease.release()
-        _finish(spec, run_id, t0, plan, state, commit, resources, curve, status, reason, {})
+        _finish(spec, run_id, t0, plan, state, commit, resources, curve, status, reason, {}, marks)
         raise
     try:  # the lease is ours: all of _tmp is this run's
         storage.delete(storage.join(spec.dst, layout.TMP))
     except OSError as e:
         log.warning("could not remove %s: %s", run_tmp, e)
-    manifest = _finish(spec, run_id, t0, plan, state, commit, resources, curve, status, reason, sync)
+    manifest = _finish(spec, run_id, t0, plan, state, commit, resources, curve, status, reason, sync, marks)
     lease.release()
     ok = status == "succeeded"
     return JobResult(ok=ok, manifest=manifest, exit_code=0 if ok else 1)
 
 
 def _drain(ds: Any, commit: Commit, spec: JobSpec, n_units: int, progress: bool, t0: float,
-           curve: list[list[float]]) -> tuple[str, str | None]:
+           curve: list[list[float]], marks: dict[str, float] | None = None) -> tuple[str, str | None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -419,6 +420,8 @@ def _drain(ds: Any, commit: Commit, spec: JobSpec, n_units: int, progress: bool,
     with bar:
         task = bar.add_task(spec.job, total=n_units, info="")
         for meta in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            if marks is not None and "first_row_s" not in marks:
+                marks["first_row_s"] = round(time.time() - t0, 3)
             commit.add(meta)
             commit.reap()
             ok, err = commit.seen["ok"], commit.seen["error"]
@@ -448,7 +451,8 @@ def _rate_reason(err: int, total: int, limit: float) -> str:
 
 def _finish(spec: JobSpec, run_id: str, t0: float, plan: Plan, state: layout.DstState | None,
             commit: Commit | None, resources: dict[str, Any], curve: list[list[float]],
-            status: str, reason: str | None, sync: dict[str, int]) -> dict[str, Any]:
+            status: str, reason: str | None, sync: dict[str, int],
+            marks: dict[str, float] | None = None) -> dict[str, Any]:
     elapsed = time.time() - t0
     counts = commit.counts if commit else {}
     rows = counts.get("ok", 0) + counts.get("error", 0)
@@ -497,6 +501,7 @@ def _finish(spec: JobSpec, run_id: str, t0: float, plan: Plan, state: layout.Dst
         "progress": curve,
         "timings": {
             "list_s": round(plan.seconds, 3),
+            **(marks or {}),
             "total_s": round(elapsed, 3),
             "rows_per_s": round(rows / elapsed, 3) if elapsed > 0 and rows else 0.0,
         },
