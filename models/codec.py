@@ -77,10 +77,6 @@ class CodecConfig:
     def multiple(self) -> int:
         return 2**self.stages
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.latent_channels
-
     def __post_init__(self) -> None:
         if self.stages < 1 or self.channels < 1 or self.latent_channels < 1:
             raise ValueError("stages, channels and latent_channels must be positive")
@@ -413,13 +409,6 @@ class FactorizedCodec(nn.Module):
         out = torch.round(x_hat.clamp(0, 1) * 255).to(torch.uint8)
         return out.permute(1, 2, 0).contiguous().numpy()
 
-    @torch.inference_mode()
-    def embed(self, img: np.ndarray) -> np.ndarray:
-        """L2-normalised global average of the latent y: float32 [latent_channels]."""
-        x, _, _ = self.pad(img)
-        v = self.analysis(x).mean(dim=(2, 3))
-        return F.normalize(v, dim=1)[0].numpy().astype(np.float32)
-
 
 def macs_per_pixel(model: nn.Module, size: int = 64) -> dict[str, float]:
     """Multiply-adds per image pixel of the encoder and the decoder, counted from the
@@ -483,7 +472,7 @@ class OnDevice(nn.Module):
 
 
 class CodecEngine:
-    """Load a codec checkpoint once; compress/decompress/embed uint8 HxWx3 images."""
+    """Load a codec checkpoint once; compress/decompress uint8 HxWx3 images."""
 
     def __init__(self, checkpoint_ref: str, threads: int = 0, device: str = "cpu") -> None:
         from models import checkpoint
@@ -579,9 +568,6 @@ class CodecEngine:
 
     def decompress(self, data: bytes) -> np.ndarray:
         return self.model.decompress(data, sha256=self.sha256)
-
-    def embed(self, img: np.ndarray) -> np.ndarray:
-        return self.model.embed(img)
 
 
 @dataclass(frozen=True)
