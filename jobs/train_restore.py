@@ -15,9 +15,12 @@ and PSNR of plain AVIF and of the restored decode.
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,58 +61,85 @@ class RestoreTrainConfig(BaseTrainConfig):
     clip_grad: float = 1.0
     eval_crop: int = 384
     extra_data: str = ""  # a second folder of training photos, used whole (photos-extra)
+    device: str = "cpu"  # where the filter trains: cpu, cuda, or auto (cuda when there is one)
+    processes: int = 0  # AV1 coding processes for the training set (0: one per CPU)
+
+
+def train_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    return dev
+
+
+def _code_rungs(job: tuple[str, str, tuple[int, ...], int, str]) -> list[np.ndarray]:
+    """One photo AV1-coded at every rung (cached files reused): its decoded images."""
+    path, cache, qualities, speed, subsampling = job
+    p = Path(path)
+    settings = avif.AvifSettings(speed, subsampling, threads=1)
+    img: np.ndarray | None = None
+    out = []
+    for q in qualities:
+        f = Path(cache) / f"{p.parent.name}-{p.stem}.q{q}.s{speed}.{subsampling.replace(':', '')}.avif"
+        if not f.exists():
+            img = load_rgb(p) if img is None else img
+            tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(avif.encode(img, q, settings))
+            tmp.replace(f)
+        out.append(avif.decode(f.read_bytes(), settings))
+    return out
 
 
 def coded_pairs(files: list[Path], config: RestoreCodecConfig, cache: Path,
-                threads: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-    """(originals, decoded[image][rung]) for ``files``; AVIF files cached in ``cache``."""
-    settings = avif.AvifSettings(config.speed, config.subsampling, threads)
+                processes: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """(originals, decoded[image][rung]) for ``files``; AVIF files cached in ``cache``. Photos
+    are coded in ``processes`` worker processes, one libavif thread each (a whole photo per
+    process scales better than libavif's own threads on small images)."""
     cache.mkdir(parents=True, exist_ok=True)
-    originals, decoded = [], []
+    jobs = [(str(p), str(cache), config.avif_qualities, config.speed, config.subsampling) for p in files]
     t0 = time.time()
-    for i, p in enumerate(files):
-        img = load_rgb(p)
-        rungs = []
-        for q in config.avif_qualities:
-            f = cache / f"{p.parent.name}-{p.stem}.q{q}.s{config.speed}.{config.subsampling.replace(':', '')}.avif"
-            if not f.exists():
-                tmp = f.with_suffix(".tmp")
-                tmp.write_bytes(avif.encode(img, q, settings))
-                tmp.replace(f)
-            rungs.append(avif.decode(f.read_bytes(), settings))
-        originals.append(img)
-        decoded.append(rungs)
-        if (i + 1) % 10 == 0:
-            log.info("AV1-coded %d/%d training photos (%.0f s)", i + 1, len(files), time.time() - t0)
-    return originals, decoded
+    decoded: list[list[np.ndarray]] = []
+    with concurrent.futures.ProcessPoolExecutor(max(1, processes)) as pool:
+        for i, rungs in enumerate(pool.map(_code_rungs, jobs)):
+            decoded.append(rungs)
+            if (i + 1) % 10 == 0:
+                log.info("AV1-coded %d/%d training photos (%.0f s)", i + 1, len(files), time.time() - t0)
+    return [load_rgb(p) for p in files], decoded
 
 
 class PairSampler:
     """Crops at even offsets of (decoded at a rung, original), the rungs of a batch a shuffled
-    cycle over all of them."""
+    cycle over all of them. The images live on ``device`` as uint8 (on a GPU the crops are cut
+    there: no host copies per step)."""
 
-    def __init__(self, originals: list[np.ndarray], decoded: list[list[np.ndarray]], seed: int) -> None:
-        self.originals, self.decoded = originals, decoded
+    def __init__(self, originals: list[np.ndarray], decoded: list[list[np.ndarray]], seed: int,
+                 device: torch.device | str = "cpu") -> None:
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).permute(2, 0, 1).to(device)
+
+        self.device = torch.device(device)
+        self.originals = [t(a) for a in originals]
+        self.decoded = [[t(a) for a in rungs] for rungs in decoded]
         self.rng = np.random.default_rng(seed)
 
     def batch(self, size: int, n: int, rungs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = self.rng.permutation(np.arange(n) % rungs)
-        base = np.empty((n, size, size, 3), np.uint8)
-        orig = np.empty_like(base)
+        base, orig = [], []
         for i in range(n):
             k = int(self.rng.integers(len(self.originals)))
             img = self.originals[k]
-            h, w = img.shape[:2]
+            h, w = img.shape[1:]
             y = 2 * int(self.rng.integers(0, (h - size) // 2 + 1))
             x = 2 * int(self.rng.integers(0, (w - size) // 2 + 1))
-            orig[i] = img[y : y + size, x : x + size]
-            base[i] = self.decoded[k][q[i]][y : y + size, x : x + size]
+            orig.append(img[:, y : y + size, x : x + size])
+            base.append(self.decoded[k][q[i]][:, y : y + size, x : x + size])
 
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255).contiguous(
-                memory_format=torch.channels_last)
+        def f(crops: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(crops).float().div_(255).contiguous(memory_format=torch.channels_last)
 
-        return t(base), t(orig), torch.from_numpy(q)
+        return f(base), f(orig), torch.from_numpy(q).to(self.device)
 
 
 def evaluate(model: AvifRestoreCodec, crops: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -166,11 +196,15 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     model, config, step, curve = start.model, start.config, start.step, start.curve
     if not isinstance(model, AvifRestoreCodec):
         raise SystemExit(f"{cfg.model} is not {NAME}")
-    originals, decoded = coded_pairs(files, config, out / "avif", max(1, torch.get_num_threads()))
+    device = train_device(cfg.device)
+    originals, decoded = coded_pairs(files, config, out / "avif", cfg.processes or os.cpu_count() or 1)
     eval_crops = holdout_crops(cfg.data, cfg.eval_crop) if rank == 0 else []
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
-    sampler = PairSampler(originals, decoded, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest conv kernels once
+    sampler = PairSampler(originals, decoded, seed=(cfg.seed * 1000 + rank) * 1_000_003 + step, device=device)
+    del originals, decoded
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     restored = bool(cfg.resume) and restore_optim(opt, start.optim)
     lr_at = LRSchedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup, cfg.max_minutes, step,
@@ -203,7 +237,9 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
                                  "loss_db": round(float(np.mean(losses)), 4) if losses else None}
         losses.clear()
         if rank == 0:
-            point["holdout"] = evaluate(model, eval_crops) if eval_crops else []
+            # through the real (CPU) codec path, on a copy when the filter trains elsewhere
+            on_cpu = model if device.type == "cpu" else copy.deepcopy(model).cpu()
+            point["holdout"] = evaluate(on_cpu, eval_crops) if eval_crops else []
             curve.append(point)
             log.info("step %d %s", step, json.dumps(point))
         if in_ray:
@@ -267,6 +303,8 @@ def register(train_app: typer.Typer) -> None:
         save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
         limit_images: Annotated[int, typer.Option(help="Use only the first N training photos (tests).")] = 0,
         eval_crop: Annotated[int, typer.Option(help="Side of the held-out center crops.")] = 384,
+        device: Annotated[str, typer.Option(help="Where the filter trains: cpu, cuda, or auto.")] = "cpu",
+        processes: Annotated[int, typer.Option(help="AV1 coding processes for the training set (0: one per CPU).")] = 0,
     ) -> None:
         """Train the learned restoration filter of the AVIF-based codec (avif-restore-codec)."""
         if crop % 2:
@@ -276,6 +314,7 @@ def register(train_app: typer.Typer) -> None:
             seed=seed, threads=threads, resume=str(resume or ""), release=str(release or ""),
             max_minutes=max_minutes, eval_every=eval_every, save_every=save_every,
             limit_images=limit_images, eval_crop=eval_crop, extra_data=str(extra_data or ""),
+            device=device, processes=processes,
         )
-        result = run(cfg, workers=workers)
+        result = run(cfg, workers=workers, use_gpu=workers > 0 and device != "cpu")
         typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")

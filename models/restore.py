@@ -44,8 +44,8 @@ class RestoreCodecConfig:
     default_quality: int = 6
     speed: int = avif.SPEED
     subsampling: str = avif.SUBSAMPLING
-    channels: int = 48  # restoration filter width (at half resolution: 2x2 blocks as 12 channels)
-    layers: int = 6
+    channels: int = 64  # restoration filter width (at half resolution: 2x2 blocks as 12 channels)
+    layers: int = 8
 
     @property
     def num_qualities(self) -> int:

@@ -134,13 +134,3 @@ def test_copy_views_and_info_nce() -> None:
     loss_same, acc_same = te.info_nce(z, z, 0.1)
     loss_rand, _ = te.info_nce(z, torch.nn.functional.normalize(torch.randn(8, 4), dim=1), 0.1)
     assert acc_same == 1.0 and float(loss_same) < float(loss_rand)
-
-
-@pytest.mark.gpu
-def test_float32_on_gpu_matches_cpu(trained: tuple[Path, dict]) -> None:  # type: ignore[type-arg]
-    out, _ = trained
-    imgs = [make_image(200, 150, i) for i in range(3)]
-    cpu = EmbedderEngine(str(out / "release"), device="cpu").embed_with_regions(imgs)
-    gpu = EmbedderEngine(str(out / "release"), device="cuda").embed_with_regions(imgs)
-    np.testing.assert_allclose(cpu[0], gpu[0], atol=1e-4)
-    np.testing.assert_allclose(cpu[1], gpu[1], atol=1e-4)  # the region vectors too
