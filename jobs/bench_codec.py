@@ -298,7 +298,11 @@ def bench_codec(
     classical = [("JPEG", "jpeg", JPEG_QUALITIES), ("WEBP", "webp", WEBP_QUALITIES)]
     if use_avif:
         classical.append(("AVIF", "avif", AVIF_QUALITIES))
-    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    # an AVIF-based codec's base layer alone (its AV1 payload decoded without the filter, the
+    # same stream bytes): what the filter adds, and what the base layer's settings add over AVIF
+    bases = {label: f"{label}-base" for label, e in zip(labels, engines, strict=True)
+             if isinstance(e.model, AvifRestoreCodec)}
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in [*labels, *bases.values()]}
     rows.update({key: [] for _, key, _ in classical})
     first_img = None
     t0 = time.time()
@@ -310,14 +314,17 @@ def bench_codec(
                 data = engine.compress(img, q)
                 rows[label].append({"image": path.name, "quality": q,
                                     **_measure(img, data, engine.decompress(data))})
+                if label in bases and isinstance(engine.model, AvifRestoreCodec):
+                    base = avif_codec.decode(engine.model.parse(data)[2], engine.model.settings())
+                    rows[bases[label]].append({"image": path.name, "quality": q, **_measure(img, data, base)})
         for fmt, key, qualities in classical:
             for q in qualities:
                 data, rec = pil_roundtrip(img, fmt, q, avif)
                 rows[key].append({"image": path.name, "quality": q, **_measure(img, data, rec)})
         log.info("%s done (%.0f s)", path.name, time.time() - t0)
     curves = {k: _average(v, "quality") for k, v in rows.items()}
-    bd_overlap = bd_rates(curves, labels)
-    bd_clipped = bd_rates(curves, labels, CLIP_BPP)
+    bd_overlap = bd_rates(curves, [*labels, *bases.values()])
+    bd_clipped = bd_rates(curves, [*labels, *bases.values()], CLIP_BPP)
     assert first_img is not None
     speeds: dict[str, dict[str, Any]] = {}
     load_before = _load_average()

@@ -74,15 +74,16 @@ def train_device(name: str) -> torch.device:
     return dev
 
 
-def _code_rungs(job: tuple[str, str, tuple[int, ...], int, str]) -> list[np.ndarray]:
+def _code_rungs(job: tuple[str, str, tuple[int, ...], avif.AvifSettings]) -> list[np.ndarray]:
     """One photo AV1-coded at every rung (cached files reused): its decoded images."""
-    path, cache, qualities, speed, subsampling = job
+    path, cache, qualities, settings = job
     p = Path(path)
-    settings = avif.AvifSettings(speed, subsampling, threads=1)
+    speed, subsampling = settings.speed, settings.subsampling
+    tune = f".{settings.tune}" if settings.tune else ""
     img: np.ndarray | None = None
     out = []
     for q in qualities:
-        f = Path(cache) / f"{p.parent.name}-{p.stem}.q{q}.s{speed}.{subsampling.replace(':', '')}.avif"
+        f = Path(cache) / f"{p.parent.name}-{p.stem}.q{q}.s{speed}.{subsampling.replace(':', '')}{tune}.avif"
         if not f.exists():
             img = load_rgb(p) if img is None else img
             tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
@@ -98,7 +99,8 @@ def coded_pairs(files: list[Path], config: RestoreCodecConfig, cache: Path,
     are coded in ``processes`` worker processes, one libavif thread each (a whole photo per
     process scales better than libavif's own threads on small images)."""
     cache.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(p), str(cache), config.avif_qualities, config.speed, config.subsampling) for p in files]
+    settings = avif.AvifSettings(config.speed, config.subsampling, threads=1, tune=config.tune)
+    jobs = [(str(p), str(cache), config.avif_qualities, settings) for p in files]
     t0 = time.time()
     decoded: list[list[np.ndarray]] = []
     with concurrent.futures.ProcessPoolExecutor(max(1, processes)) as pool:
@@ -224,7 +226,7 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "train_config": dataclasses.asdict(cfg),
             "training_data": {**training_data(cfg.data, files), "files": [f"{p.parent.name}/{p.name}" for p in files]},
             "qualities": list(range(1, config.num_qualities + 1)),
-            "avif": avif.AvifSettings(config.speed, config.subsampling).describe(config.avif_qualities),
+            "avif": model.settings(threads=2).describe(config.avif_qualities),
             "metrics": {"holdout": curve[-1].get("holdout") if curve else None},
             "curve": curve,
         }

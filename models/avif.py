@@ -16,6 +16,7 @@ from PIL import Image, features
 
 SPEED = 6  # libavif's speed 0 (slowest, best) .. 10; 6 is Pillow's default
 SUBSAMPLING = "4:2:0"  # Pillow's default for RGB
+TUNE = ""  # libaom's tuning: "" keeps libavif's default; "psnr" optimises for PSNR (advanced option)
 _decode_lock = threading.Lock()  # the decoder's thread count is a module global in Pillow
 
 
@@ -40,6 +41,7 @@ class AvifSettings:
     speed: int = SPEED
     subsampling: str = SUBSAMPLING
     threads: int = 2  # max_threads of the encoder and of the decoder
+    tune: str = TUNE
 
     def describe(self, qualities: Sequence[int]) -> dict[str, Any]:
         from PIL import AvifImagePlugin, _avif  # type: ignore[attr-defined]
@@ -47,7 +49,8 @@ class AvifSettings:
         return {"pillow": Image.__version__, "libavif": features.version("avif"),
                 "codecs": _avif.codec_versions(), "encoder_codec": "auto", "decoder_codec":
                 AvifImagePlugin.DECODE_CODEC_CHOICE, "speed": self.speed, "subsampling": self.subsampling,
-                "range": "full", "max_threads": self.threads, "qualities": list(qualities)}
+                "range": "full", "max_threads": self.threads, "tune": self.tune or "libavif default",
+                "qualities": list(qualities)}
 
 
 @contextmanager
@@ -68,8 +71,9 @@ def encode(img: np.ndarray, quality: int, settings: AvifSettings | None = None) 
     """uint8 HxWx3 RGB → AVIF bytes at libavif ``quality`` (0..100)."""
     s = settings or AvifSettings()
     buf = io.BytesIO()
+    extra: dict[str, Any] = {"advanced": [("tune", s.tune)]} if s.tune else {}
     Image.fromarray(img).save(buf, format="AVIF", quality=int(quality), speed=s.speed,
-                              subsampling=s.subsampling, max_threads=s.threads)
+                              subsampling=s.subsampling, max_threads=s.threads, **extra)
     return buf.getvalue()
 
 

@@ -93,3 +93,20 @@ def test_bench_codec_without_avif_support(tmp_path: Path, tiny_codec: str, monke
     assert math.isnan(result["bd_rate_percent"]["aejob_vs_avif"])
     assert (tmp_path / "out" / "codec_bench.json").exists() and (tmp_path / "out" / "codec_rd.png").exists()
     assert "aejob vs AVIF n/a" in bench_codec.format_table(result)
+
+
+def test_bench_codec_shows_an_avif_codecs_base_layer(tmp_path: Path, tiny_restore_codec: str) -> None:
+    """An AVIF-based codec gets a second curve: its AV1 payload decoded without the filter, at
+    the same stream bytes, so the filter's share and the base layer's settings are separable."""
+    if not bench_codec.avif_available():
+        pytest.skip("this Pillow has no AVIF support")
+    data = tmp_path / "set"
+    data.mkdir()
+    (data / "a.png").write_bytes(encode(make_image(96, 80, 2, noise=5)))
+    result = bench_codec.bench_codec(data, tiny_restore_codec, tmp_path / "out", speed_repeats=1)
+    ours, base = result["curves"]["aejob"], result["curves"]["aejob-base"]
+    assert [p["quality"] for p in ours] == [p["quality"] for p in base] == list(range(1, 9))
+    for a, b in zip(ours, base, strict=True):
+        assert a["bpp"] == b["bpp"] and a["psnr"] >= b["psnr"] - 0.02  # never worse than its base
+    assert "aejob-base_vs_avif" in result["bd_rate_percent_clipped"]
+    assert "aejob-base vs AVIF" in bench_codec.format_table(result)

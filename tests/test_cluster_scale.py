@@ -150,8 +150,8 @@ def test_s3_in_and_out_on_the_cluster_with_no_secret_in_rays_logs(s3_secret: dic
     s3.create_bucket(Bucket="aejob-cl")
     for i in range(10):
         s3.put_object(Bucket="aejob-cl", Key=f"in/{i}.png", Body=encode(make_image(48, 40, seed=i)))
-    p = driver(["clean", "s3://aejob-cl/in", "--out", "s3://aejob-cl/out", "--checkpoint", tiny_checkpoint, "--shard-size", "4"],
-               cluster.address, tmp_path / "rec.json")
+    p = driver(["clean", "s3://aejob-cl/in", "--out", "s3://aejob-cl/out", "--checkpoint", tiny_checkpoint,
+                "--shard-size", "4"], cluster.address, tmp_path / "rec.json")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out.decode()[-3000:]
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="aejob-cl", Prefix="out/")["Contents"])
