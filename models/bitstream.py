@@ -117,3 +117,18 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
         raise BitstreamError(f"invalid sizes in header: image {width}x{height}, latent {c}x{h}x{w}")
     header = Header(name, sha, quality, width, height, pad_b, pad_r, (c, h, w))
     return header, payload
+
+
+def unpack_for(data: bytes, model: str, num_qualities: int, sha256: str | None = None) -> tuple[Header, bytes]:
+    """``unpack``, then check that the stream is ``model``'s, made with the checkpoint of
+    ``sha256`` (when given) at one of its ``num_qualities`` rungs."""
+    header, payload = unpack(data)
+    if header.model != model:
+        raise BitstreamError(f"stream was made by model {header.model!r}, not {model!r}")
+    if sha256 is not None and header.sha256_prefix != Header.sha_prefix(sha256):
+        raise BitstreamError(
+            f"stream was encoded with checkpoint {header.sha256_prefix.hex()}…, "
+            f"but the loaded checkpoint is {sha256[:16]}…: decode with the same checkpoint")
+    if not 1 <= header.quality <= num_qualities:
+        raise BitstreamError(f"quality {header.quality} not in 1..{num_qualities}")
+    return header, payload

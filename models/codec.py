@@ -365,18 +365,7 @@ class FactorizedCodec(nn.Module):
 
     def parse(self, data: bytes, sha256: str | None = None) -> tuple[bitstream.Header, bytes]:
         """Unpack and validate a stream against this model (and checkpoint, if given)."""
-        header, payload = bitstream.unpack(data)
-        if header.model != self.stream_name:
-            raise bitstream.BitstreamError(
-                f"stream was made by model {header.model!r}, not {self.stream_name!r}")
-        if sha256 is not None and header.sha256_prefix != bitstream.Header.sha_prefix(sha256):
-            raise bitstream.BitstreamError(
-                f"stream was encoded with checkpoint {header.sha256_prefix.hex()}…, "
-                f"but the loaded checkpoint is {sha256[:16]}…: decode with the same checkpoint"
-            )
-        if not 1 <= header.quality <= self.config.num_qualities:
-            raise bitstream.BitstreamError(
-                f"quality {header.quality} not in 1..{self.config.num_qualities}")
+        header, payload = bitstream.unpack_for(data, self.stream_name, self.config.num_qualities, sha256)
         mult = self.config.multiple
         hp, wp = header.height + header.pad_bottom, header.width + header.pad_right
         expect = (self.config.latent_channels, hp // mult, wp // mult)

@@ -158,16 +158,7 @@ class AvifRestoreCodec(nn.Module):
         return bitstream.pack(header, bytes(strengths) + data)
 
     def parse(self, data: bytes, sha256: str | None = None) -> tuple[bitstream.Header, tuple[int, int, int], bytes]:
-        header, payload = bitstream.unpack(data)
-        if header.model != self.stream_name:
-            raise bitstream.BitstreamError(
-                f"stream was made by model {header.model!r}, not {self.stream_name!r}")
-        if sha256 is not None and header.sha256_prefix != bitstream.Header.sha_prefix(sha256):
-            raise bitstream.BitstreamError(
-                f"stream was encoded with checkpoint {header.sha256_prefix.hex()}…, "
-                f"but the loaded checkpoint is {sha256[:16]}…: decode with the same checkpoint")
-        if not 1 <= header.quality <= self.config.num_qualities:
-            raise bitstream.BitstreamError(f"quality {header.quality} not in 1..{self.config.num_qualities}")
+        header, payload = bitstream.unpack_for(data, self.stream_name, self.config.num_qualities, sha256)
         if header.latent_shape != NO_LATENT or header.pad_bottom or header.pad_right or len(payload) < 4:
             raise bitstream.BitstreamError("inconsistent header for an AVIF payload")
         k = tuple(payload[:3])
