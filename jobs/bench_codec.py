@@ -492,7 +492,7 @@ def register(bench_app: typer.Typer) -> None:
         data: Annotated[Path, typer.Option(help="Image folder (numbered photos: 041–049 only).")],
         checkpoint: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer needs Optional
             help="Codec checkpoint path or shipped name; repeat to compare several (the first is 'aejob' "
-                 "in the JSON). Default: codec-ctx.")] = None,
+                 "in the JSON). Default: codec-avif.")] = None,
         out: Annotated[Path, typer.Option(help="Folder for codec_bench.json and the plot.")] = Path(
             "bench-results/codec"),
         suffix: Annotated[str, typer.Option(help="Appended to the file names: codec_bench{suffix}.json, "

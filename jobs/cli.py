@@ -251,13 +251,14 @@ def compress(
     quality: Annotated[Optional[int], typer.Option(help="Rate point 1..N (higher: more bits, higher fidelity); default: the checkpoint's. Not with --target-psnr/--max-bpp.")] = None,
     target_psnr: Annotated[Optional[float], typer.Option(help="Rate control: per image, the smallest quality whose decoded image reaches this PSNR in dB (none does: the top quality). With --max-bpp: searched within that cap. Each row records its quality, psnr and bpp.")] = None,
     max_bpp: Annotated[Optional[float], typer.Option(help="Rate control: per image, the highest quality whose stream is at most this many bits per pixel (none is: the lowest quality). Alone, or as the cap of --target-psnr.")] = None,
-    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-ctx",
+    checkpoint: Annotated[str, typer.Option(help="Codec checkpoint (path or shipped name).")] = "codec-avif",
+    avif_speed: Annotated[Optional[int], typer.Option(help="AVIF-based codecs (codec-avif): libavif encoder speed 0 (slowest, fewest bits) .. 10; default the checkpoint's. Encoder-only: every speed's streams decode alike.")] = None,
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
     embedder: EmbedderOpt = "embedder-base",
     num_actors: NumActorsOpt = 0,
     min_actors: MinActorsOpt = 1,
     max_actors: MaxActorsOpt = 0,
-    num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0: CPU); the encoder's transforms run there, entropy coding on CPU.")] = 0.0,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0: CPU); the encoder's networks run there (codec-avif: the filter; AV1 and entropy coding stay on CPU).")] = 0.0,
     threads: ThreadsOpt = 0,
     actor_cpus: ActorCpusOpt = 0.0,
     image_column: ImageColumnOpt = "image",
@@ -277,7 +278,7 @@ def compress(
     from jobs.compress import CompressConfig, build_spec
 
     cfg = CompressConfig(src=src, dst=out, quality=quality, target_psnr=target_psnr, max_bpp=max_bpp,
-                         checkpoint=checkpoint, keep_if_smaller=keep_if_smaller,
+                         checkpoint=checkpoint, keep_if_smaller=keep_if_smaller, avif_speed=avif_speed,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
                          max_error_rate=max_error_rate, limit=limit, overwrite=overwrite,
                          delete=_delete(delete, limit), embedder=embedder, device=device)

@@ -18,7 +18,7 @@ from pipeline import actors, decode, runner, schemas, stages, storage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CODEC = "codec-ctx"  # also the default of `aejob compress --checkpoint` (jobs/cli.py)
+DEFAULT_CODEC = "codec-avif"  # also the default of `aejob compress --checkpoint` (jobs/cli.py)
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class CompressConfig(runner.JobConfig):
     target_psnr: float | None = None  # rate control: smallest rung reaching this PSNR, per image
     max_bpp: float | None = None  # rate control: highest rung within this many bits per pixel
     checkpoint: str = DEFAULT_CODEC
+    avif_speed: int | None = None  # AVIF-based codecs: libavif's encoder speed (None: the checkpoint's)
     keep_if_smaller: bool = False
     embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column (as clean)
 
@@ -39,6 +40,8 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
     qualities = list(range(1, len(rungs) + 1))
     rate_control = rate_control_settings(cfg)
     quality: int | None = None
+    if cfg.avif_speed is not None and ("avif_qualities" not in meta["config"] or not 0 <= cfg.avif_speed <= 10):
+        raise ValueError("--avif-speed takes 0..10 and applies to AVIF-based codecs (codec-avif) only")
     if rate_control is None:
         quality = cfg.quality if cfg.quality is not None else int(meta["config"]["default_quality"])
         if quality not in qualities:
@@ -58,9 +61,9 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
         actor_cls=actors.CompressActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "quality": quality, "keep_if_smaller": cfg.keep_if_smaller,
                       "device": cfg.device, "embedder": emb_path, "target_psnr": cfg.target_psnr,
-                      "max_bpp": cfg.max_bpp},
+                      "max_bpp": cfg.max_bpp, "avif_speed": cfg.avif_speed},
         post=stages.passthrough, ray=ray_opts,
-        probe=partial(probe, str(ck_path), quality, cfg.target_psnr, cfg.max_bpp),
+        probe=partial(probe, str(ck_path), quality, cfg.target_psnr, cfg.max_bpp, cfg.avif_speed),
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "quality": quality, "qualities": qualities, "rate_control": rate_control,
                     "metrics": meta.get("metrics")},
@@ -92,7 +95,7 @@ RATE_CONTROL_RULES = {
 
 
 def probe(checkpoint_ref: str, quality: int | None, target_psnr: float | None, max_bpp: float | None,
-          threads: int) -> float:
+          avif_speed: int | None, threads: int) -> float:
     """Images/s of one codec actor on a 768x512 image: encode + the decode that measures PSNR,
     and with rate control every rung its search tries."""
     import time
@@ -101,7 +104,7 @@ def probe(checkpoint_ref: str, quality: int | None, target_psnr: float | None, m
 
     y, x = np.mgrid[0:512, 0:768]
     img = np.stack([(x % 256), (y % 256), ((x + y) % 256)], -1).astype(np.uint8)
-    eng = CodecEngine(checkpoint_ref, threads=threads)
+    eng = CodecEngine(checkpoint_ref, threads=threads, avif_speed=avif_speed)
     t = time.perf_counter()
     eng.compress_controlled(img, quality, target_psnr, max_bpp)
     return 1.0 / (time.perf_counter() - t)

@@ -36,7 +36,7 @@ DEFAULT_GROUPS = 6  # groups shown of each kind (aejob report --groups)
 MEMBERS = 8  # members shown per group
 THUMB_PX = 96
 JPEG_QUALITY = 80
-CODEC_BUDGET_PX = 4_000_000  # ~2 s of CPU decoding (codec-ctx: ~4.5 images/s at 768x512, 2 threads)
+CODEC_BUDGET_PX = 4_000_000  # ~2-4 s of CPU decoding (768x512 on 2 threads: codec-ctx ~4.5 images/s, codec-avif ~2.5)
 CODEC_BUDGET_S = 10.0  # and never more than this, codec loading included
 
 CSS = """

@@ -63,6 +63,10 @@ class RestoreTrainConfig(BaseTrainConfig):
     extra_data: str = ""  # a second folder of training photos, used whole (photos-extra)
     device: str = "cpu"  # where the filter trains: cpu, cuda, or auto (cuda when there is one)
     processes: int = 0  # AV1 coding processes for the training set (0: one per CPU)
+    # libavif speed recorded in the release's config (0: the model's own). An encoder-only
+    # setting: the training set stays coded at the model's speed (AV1's tools and artifacts are
+    # the same at every speed; a lower speed searches them harder) and any decoder reads both.
+    release_speed: int = 0
 
 
 def train_device(name: str) -> torch.device:
@@ -221,17 +225,22 @@ def train_loop(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         return round(start.history_minutes + (time.time() - t0) / 60, 2)
 
     def save(release: bool = False) -> None:
+        avif_meta = model.settings(threads=2).describe(config.avif_qualities)
+        target = Path(cfg.release) if release else out / "last"
+        shipped = config
+        if release and cfg.release_speed:
+            shipped = dataclasses.replace(config, speed=cfg.release_speed)
+            avif_meta.update(speed=cfg.release_speed, training_set_speed=config.speed)
         meta = {
             "kind": "codec", "steps": step, "train_minutes": minutes(),
             "train_config": dataclasses.asdict(cfg),
             "training_data": {**training_data(cfg.data, files), "files": [f"{p.parent.name}/{p.name}" for p in files]},
             "qualities": list(range(1, config.num_qualities + 1)),
-            "avif": model.settings(threads=2).describe(config.avif_qualities),
+            "avif": avif_meta,
             "metrics": {"holdout": curve[-1].get("holdout") if curve else None},
             "curve": curve,
         }
-        target = Path(cfg.release) if release else out / "last"
-        checkpoint.save(target, NAME, config, model, meta, dtype=torch.float16 if release else None,
+        checkpoint.save(target, NAME, shipped, model, meta, dtype=torch.float16 if release else None,
                         extra_tensors=None if release else optim_tensors(opt))
 
     def record() -> None:
@@ -307,16 +316,20 @@ def register(train_app: typer.Typer) -> None:
         eval_crop: Annotated[int, typer.Option(help="Side of the held-out center crops.")] = 384,
         device: Annotated[str, typer.Option(help="Where the filter trains: cpu, cuda, or auto.")] = "cpu",
         processes: Annotated[int, typer.Option(help="AV1 coding processes for the training set (0: one per CPU).")] = 0,
+        release_speed: Annotated[int, typer.Option(help="libavif encoder speed (1..10) the release encodes with "
+                                                   "(0: the model's; the training set keeps the model's).")] = 0,
     ) -> None:
         """Train the learned restoration filter of the AVIF-based codec (avif-restore-codec)."""
         if crop % 2:
             raise typer.BadParameter("--crop must be even")
+        if not 0 <= release_speed <= 10:
+            raise typer.BadParameter("--release-speed must be within 0..10")
         cfg = RestoreTrainConfig(
             data=str(data), out=str(out), preset=preset, steps=steps, lr=lr, batch=batch, crop=crop,
             seed=seed, threads=threads, resume=str(resume or ""), release=str(release or ""),
             max_minutes=max_minutes, eval_every=eval_every, save_every=save_every,
             limit_images=limit_images, eval_crop=eval_crop, extra_data=str(extra_data or ""),
-            device=device, processes=processes,
+            device=device, processes=processes, release_speed=release_speed,
         )
         result = run(cfg, workers=workers, use_gpu=workers > 0 and device != "cpu")
         typer.echo(f"done: {result.get('steps', '')} steps; checkpoints in {out}")

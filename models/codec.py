@@ -22,6 +22,7 @@ checkpoint (see ``models/entropy.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -454,16 +455,20 @@ class OnDevice(nn.Module):
         self.module = module.to(device)
         self.device = device
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        return self.module(x.pin_memory().to(self.device, non_blocking=True)).float().cpu()
+        moved = [a.to(self.device) for a in args]
+        return self.module(x.pin_memory().to(self.device, non_blocking=True), *moved).float().cpu()
 
 
 class CodecEngine:
     """Load a codec checkpoint once; compress/decompress uint8 HxWx3 images."""
 
-    def __init__(self, checkpoint_ref: str, threads: int = 0, device: str = "cpu") -> None:
+    def __init__(self, checkpoint_ref: str, threads: int = 0, device: str = "cpu",
+                 avif_speed: int | None = None) -> None:
+        """``avif_speed``: an AVIF-based codec's libavif encoder speed instead of its
+        checkpoint's (encoder-only: streams decode alike whatever the speed)."""
         from models import checkpoint
 
         if threads:
@@ -485,13 +490,19 @@ class CodecEngine:
             # Only the encoder's float transforms move: a stream's tables are chosen by integer
             # networks on the decoded symbols (CPU, bit-exact), so where g_a/h_a ran cannot make
             # a stream undecodable; decoding stays on CPU.
-            for name in ("g_a", "h_a"):
+            # A model may name its own (avif-restore-codec: the filter whose strengths its
+            # encoder fits; its stream is AV1 plus three bytes, decodable wherever they were fitted).
+            for name in getattr(self.model, "encoder_device_modules", ("g_a", "h_a")):
                 if hasattr(self.model, name):
                     setattr(self.model, name, OnDevice(getattr(self.model, name), self.device))
+        if avif_speed is not None:
+            if not hasattr(ck.config, "avif_qualities") or not 0 <= avif_speed <= 10:
+                raise ValueError(f"avif_speed takes 0..10 and applies to AVIF-based codecs, not {ck.name}")
+            self.model.config = dataclasses.replace(ck.config, speed=int(avif_speed))
         self.name = ck.name
         self.sha256 = ck.sha256
         self.path = ck.path
-        self.config: Any = ck.config
+        self.config: Any = ck.config if avif_speed is None else self.model.config
         self.qualities = list(range(1, ck.config.num_qualities + 1))
         self.default_quality = ck.config.default_quality
 

@@ -71,6 +71,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 
 class AvifRestoreCodec(nn.Module):
     stream_name = NAME
+    encoder_device_modules = ("post",)  # what CodecEngine moves to a GPU (AV1 stays on the CPU)
 
     def __init__(self, config: RestoreCodecConfig = RestoreCodecConfig()) -> None:
         super().__init__()

@@ -149,7 +149,7 @@ class CompressActor(_ModelActor):
     def __init__(self, checkpoint_ref: str, quality: int | None, keep_if_smaller: bool,
                  threads: int = 0, device: str = "auto", batch_size: int = 1, actor_cpus: float = 1.0,
                  pool_max: int = 1, embedder: str = DEFAULT_EMBEDDER, target_psnr: float | None = None,
-                 max_bpp: float | None = None) -> None:
+                 max_bpp: float | None = None, avif_speed: int | None = None) -> None:
         from models.codec import CodecEngine
         from models.embedder import EmbedderEngine
 
@@ -157,7 +157,8 @@ class CompressActor(_ModelActor):
         self._init_threads(threads, actor_cpus, pool_max)
         # On a GPU only the encoder's transforms run there; entropy coding and the decode that
         # measures PSNR stay on CPU (bit-exact table choice), see models.codec.CodecEngine.
-        self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device=str(pick_device(device)))
+        self.engine = CodecEngine(checkpoint_ref, threads=self.threads, device=str(pick_device(device)),
+                                  avif_speed=avif_speed)
         # rate control (target_psnr / max_bpp) picks the rung per image; else one fixed rung
         self.target_psnr, self.max_bpp = target_psnr, max_bpp
         controlled = target_psnr is not None or max_bpp is not None

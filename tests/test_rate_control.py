@@ -186,7 +186,7 @@ def test_fixed_quality_fingerprint_is_unchanged_and_settings_are_checked(tmp_pat
     from pipeline import runner
 
     spec = build_spec(CompressConfig(src=str(tmp_path), dst=str(tmp_path / "z")), runner.RayOptions())
-    assert "rate_control" not in spec.fingerprint and spec.fingerprint["quality"] == 5  # codec-ctx's default
+    assert "rate_control" not in spec.fingerprint and spec.fingerprint["quality"] == 5  # default codec's rung
     assert spec.resolved["rate_control"] is None and spec.actor_kwargs["target_psnr"] is None
     spec = build_spec(CompressConfig(src=str(tmp_path), dst=str(tmp_path / "z"), target_psnr=33.0, max_bpp=1.5),
                       runner.RayOptions())
@@ -207,6 +207,7 @@ def test_fixed_quality_fingerprint_is_unchanged_and_settings_are_checked(tmp_pat
 @pytest.mark.usefixtures("ray_local")
 def test_compress_with_target_psnr_end_to_end(tmp_path: Path) -> None:
     from jobs.cli import app
+    from jobs.compress import DEFAULT_CODEC
 
     src = tmp_path / "src"
     src.mkdir()
@@ -229,7 +230,7 @@ def test_compress_with_target_psnr_end_to_end(tmp_path: Path) -> None:
     rows = {r["key"]: r for r in pads.dataset(str(dst), format="parquet").to_table().to_pylist()}
     assert set(rows) == {*imgs, "broken.png"}
     assert rows["broken.png"]["status"] == "error" and rows["broken.png"]["quality"] is None
-    eng = CodecEngine("codec-ctx", threads=1)
+    eng = CodecEngine(DEFAULT_CODEC, threads=1)  # what the command ran
     for key, img in imgs.items():
         r = rows[key]
         assert r["status"] == "ok" and r["codec"] == "aejob"

@@ -135,7 +135,8 @@ def test_train_restore_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["train", "restore", "--data", str(data), "--out", str(out), "--preset", "tiny",
                                    "--steps", "6", "--eval-every", "3", "--batch", "8", "--crop", "32",
-                                   "--eval-crop", "32", "--threads", "1", "--release", str(out / "rel")])
+                                   "--eval-crop", "32", "--threads", "1", "--release", str(out / "rel"),
+                                   "--release-speed", "9"])
     assert res.exit_code == 0, res.output
     eng = CodecEngine(str(out / "rel.safetensors"))
     assert eng.name == "avif-restore-codec"
@@ -145,5 +146,34 @@ def test_train_restore_smoke(tmp_path: Path) -> None:
 
     meta = json.loads((out / "rel.json").read_text())
     assert meta["steps"] == 6 and len(meta["curve"]) == 2
+    # the release encodes at --release-speed; the training set was coded at the model's speed
+    assert meta["config"]["speed"] == 9 and eng.model.settings().speed == 9
+    last = json.loads((out / "last.json").read_text())
+    assert meta["avif"]["training_set_speed"] == 6 and last["config"]["speed"] == 6
     assert {"psnr_avif", "psnr", "gain_db", "bpp"} <= set(meta["curve"][-1]["holdout"][0])
     assert len(list((out / "avif").glob("*.avif"))) == 2 * 8  # cached: training photos x rungs
+
+
+def test_avif_speed_is_an_encoder_setting(tiny_restore_codec: str, tmp_path: Path) -> None:
+    """compress --avif-speed: another libavif effort for the encoder; streams decode alike."""
+    from jobs.compress import CompressConfig, build_spec
+    from pipeline import runner
+
+    fast = CodecEngine(tiny_restore_codec, threads=1, avif_speed=10)
+    default = CodecEngine(tiny_restore_codec, threads=1)
+    assert fast.model.settings().speed == 10 and default.model.settings().speed == default.config.speed
+    img = photo(64, 48, 4)
+    data = fast.compress(img, 4)
+    assert np.array_equal(default.decompress(data), fast.decompress(data))
+    with pytest.raises(ValueError, match="AVIF-based"):
+        CodecEngine("codec-small", avif_speed=4)
+    with pytest.raises(ValueError, match="0..10"):
+        CodecEngine(tiny_restore_codec, avif_speed=11)
+    src = str(tmp_path)
+    spec = build_spec(CompressConfig(src=src, dst=src + "/z", checkpoint=tiny_restore_codec, avif_speed=8),
+                      runner.RayOptions())
+    assert spec.actor_kwargs["avif_speed"] == 8 and spec.resolved["avif_speed"] == 8
+    assert "avif_speed" not in spec.fingerprint  # encoder-only: a rerun at another speed keeps the DST
+    with pytest.raises(ValueError, match="AVIF-based"):
+        build_spec(CompressConfig(src=src, dst=src + "/z", checkpoint="codec-small", avif_speed=4),
+                   runner.RayOptions())
