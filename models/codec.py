@@ -540,7 +540,10 @@ class CodecEngine:
 
         def stream(q: int) -> bytes:
             if q not in streams:
-                streams[q] = self.model.compress(img, q, sha256=self.sha256, analysed=analysed)
+                if hasattr(self.model, "compress_and_decode"):  # the decode comes with the stream
+                    streams[q], decoded[q] = self.model.compress_and_decode(img, q, self.sha256, analysed)
+                else:
+                    streams[q] = self.model.compress(img, q, sha256=self.sha256, analysed=analysed)
             return streams[q]
 
         def image(q: int) -> np.ndarray:

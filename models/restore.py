@@ -144,6 +144,14 @@ class AvifRestoreCodec(nn.Module):
     @torch.inference_mode()
     def compress(self, img: np.ndarray, quality: int, sha256: str = "", analysed: None = None) -> bytes:
         """AV1-encode ``img`` at rung ``quality``, decode it, fit the filter's strengths."""
+        return self.compress_and_decode(img, quality, sha256, analysed)[0]
+
+    @torch.inference_mode()
+    def compress_and_decode(self, img: np.ndarray, quality: int, sha256: str = "",
+                            analysed: None = None) -> tuple[bytes, np.ndarray]:
+        """``compress``, and the image the stream decodes to: the encoder has already decoded the
+        AV1 layer and run the filter on it, which is all ``decompress`` does (same base, same
+        correction), so a caller that measures the decode need not run the filter twice."""
         del analysed
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or not img.size:
             raise ValueError(f"expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
@@ -156,7 +164,8 @@ class AvifRestoreCodec(nn.Module):
         header = bitstream.Header(
             model=self.stream_name, sha256_prefix=bitstream.Header.sha_prefix(sha256), quality=quality,
             width=img.shape[1], height=img.shape[0], pad_bottom=0, pad_right=0, latent_shape=NO_LATENT)
-        return bitstream.pack(header, bytes(strengths) + data)
+        decoded = self.blend(base, corr, strengths) if any(strengths) else base
+        return bitstream.pack(header, bytes(strengths) + data), decoded
 
     def parse(self, data: bytes, sha256: str | None = None) -> tuple[bitstream.Header, tuple[int, int, int], bytes]:
         header, payload = bitstream.unpack_for(data, self.stream_name, self.config.num_qualities, sha256)

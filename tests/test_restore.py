@@ -177,3 +177,16 @@ def test_avif_speed_is_an_encoder_setting(tiny_restore_codec: str, tmp_path: Pat
     with pytest.raises(ValueError, match="AVIF-based"):
         build_spec(CompressConfig(src=src, dst=src + "/z", checkpoint="codec-small", avif_speed=4),
                    runner.RayOptions())
+
+
+@pytest.mark.parametrize("size", [(96, 72), (33, 20), (530, 40)])  # 530: more than one filter tile
+def test_the_encoders_decode_is_the_decoders(engine: CodecEngine, size: tuple[int, int]) -> None:
+    """compress_and_decode hands back exactly what decompress makes of its stream (rate control
+    and the job's PSNR use it instead of running the filter a second time)."""
+    img = make_image(*size, 5, noise=6)
+    for q in (1, 4, 8):
+        data, decoded = engine.model.compress_and_decode(img, q, engine.sha256)
+        assert data == engine.compress(img, q)
+        assert np.array_equal(decoded, engine.decompress(data))
+    coded = engine.compress_controlled(img, target_psnr=30.0)
+    assert np.array_equal(coded.image, engine.decompress(coded.data))
