@@ -314,7 +314,7 @@ def bench_codec(
                 data = engine.compress(img, q)
                 rows[label].append({"image": path.name, "quality": q,
                                     **_measure(img, data, engine.decompress(data))})
-                if label in bases and isinstance(engine.model, AvifRestoreCodec):
+                if label in bases:
                     base = avif_codec.decode(engine.model.parse(data)[2], engine.model.settings())
                     rows[bases[label]].append({"image": path.name, "quality": q, **_measure(img, data, base)})
         for fmt, key, qualities in classical:

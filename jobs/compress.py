@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models import checkpoint
+from models import avif, checkpoint
 from pipeline import actors, decode, runner, schemas, stages, storage
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,10 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
     qualities = list(range(1, len(rungs) + 1))
     rate_control = rate_control_settings(cfg)
     quality: int | None = None
-    if cfg.avif_speed is not None and ("avif_qualities" not in meta["config"] or not 0 <= cfg.avif_speed <= 10):
-        raise ValueError("--avif-speed takes 0..10 and applies to AVIF-based codecs (codec-avif) only")
+    if cfg.avif_speed is not None:
+        if "avif_qualities" not in meta["config"]:
+            raise ValueError("--avif-speed applies to AVIF-based codecs (codec-avif) only")
+        avif.check_speed(cfg.avif_speed)
     if rate_control is None:
         quality = cfg.quality if cfg.quality is not None else int(meta["config"]["default_quality"])
         if quality not in qualities:

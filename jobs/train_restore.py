@@ -316,14 +316,16 @@ def register(train_app: typer.Typer) -> None:
         eval_crop: Annotated[int, typer.Option(help="Side of the held-out center crops.")] = 384,
         device: Annotated[str, typer.Option(help="Where the filter trains: cpu, cuda, or auto.")] = "cpu",
         processes: Annotated[int, typer.Option(help="AV1 coding processes for the training set (0: one per CPU).")] = 0,
-        release_speed: Annotated[int, typer.Option(help="libavif encoder speed (1..10) the release encodes with "
+        release_speed: Annotated[int, typer.Option(help="libavif encoder speed (0..10) the release encodes with "
                                                    "(0: the model's; the training set keeps the model's).")] = 0,
     ) -> None:
         """Train the learned restoration filter of the AVIF-based codec (avif-restore-codec)."""
         if crop % 2:
             raise typer.BadParameter("--crop must be even")
-        if not 0 <= release_speed <= 10:
-            raise typer.BadParameter("--release-speed must be within 0..10")
+        try:
+            avif.check_speed(release_speed)
+        except ValueError as e:
+            raise typer.BadParameter(f"--release-speed: {e}") from None
         cfg = RestoreTrainConfig(
             data=str(data), out=str(out), preset=preset, steps=steps, lr=lr, batch=batch, crop=crop,
             seed=seed, threads=threads, resume=str(resume or ""), release=str(release or ""),

@@ -16,6 +16,7 @@ from PIL import Image, features
 
 SPEED = 6  # libavif's speed 0 (slowest, best) .. 10; 6 is Pillow's default
 SUBSAMPLING = "4:2:0"  # Pillow's default for RGB
+SPEEDS = range(0, 11)  # libavif's speed 0 (slowest, fewest bits) .. 10
 TUNE = ""  # libaom's tuning: "" keeps libavif's default; "psnr" optimises for PSNR (advanced option)
 _decode_lock = threading.Lock()  # the decoder's thread count is a module global in Pillow
 
@@ -65,6 +66,13 @@ def decode_threads(threads: int) -> Iterator[None]:
             yield
         finally:
             AvifImagePlugin.DEFAULT_MAX_THREADS = old
+
+
+def check_speed(speed: int) -> int:
+    """``speed`` as an int, or ValueError when libavif has no such speed."""
+    if int(speed) not in SPEEDS:
+        raise ValueError(f"libavif speed takes {SPEEDS[0]}..{SPEEDS[-1]}, got {speed}")
+    return int(speed)
 
 
 def encode(img: np.ndarray, quality: int, settings: AvifSettings | None = None) -> bytes:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import bitstream
+from models import avif, bitstream
 from models.entropy import (
     DEFAULT_PRECISION,
     EntropyCodingError,
@@ -496,13 +496,13 @@ class CodecEngine:
                 if hasattr(self.model, name):
                     setattr(self.model, name, OnDevice(getattr(self.model, name), self.device))
         if avif_speed is not None:
-            if not hasattr(ck.config, "avif_qualities") or not 0 <= avif_speed <= 10:
-                raise ValueError(f"avif_speed takes 0..10 and applies to AVIF-based codecs, not {ck.name}")
-            self.model.config = dataclasses.replace(ck.config, speed=int(avif_speed))
+            if not hasattr(ck.config, "avif_qualities"):
+                raise ValueError(f"avif_speed applies to AVIF-based codecs, not {ck.name}")
+            self.model.config = dataclasses.replace(ck.config, speed=avif.check_speed(avif_speed))
         self.name = ck.name
         self.sha256 = ck.sha256
         self.path = ck.path
-        self.config: Any = ck.config if avif_speed is None else self.model.config
+        self.config: Any = self.model.config
         self.qualities = list(range(1, ck.config.num_qualities + 1))
         self.default_quality = ck.config.default_quality
 

@@ -141,7 +141,6 @@ class AvifRestoreCodec(nn.Module):
         k = torch.round(num / den * STRENGTH_STEP).clamp(0, STRENGTH_MAX).to(torch.int64)
         return int(k[0]), int(k[1]), int(k[2])
 
-    @torch.inference_mode()
     def compress(self, img: np.ndarray, quality: int, sha256: str = "", analysed: None = None) -> bytes:
         """AV1-encode ``img`` at rung ``quality``, decode it, fit the filter's strengths."""
         return self.compress_and_decode(img, quality, sha256, analysed)[0]

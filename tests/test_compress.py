@@ -37,7 +37,9 @@ def test_compress_then_decompress(image_folder: Path, tmp_path: Path, codec: str
         r = rows[k]
         assert r["status"] == "ok" and r["codec"] == "aejob" and r["latent"][:4] == b"AEJB"
         assert r["bpp"] == pytest.approx(len(r["latent"]) * 8 / (r["width"] * r["height"]))
-        assert r["psnr"] > 5 and len(r["embedding"]) == 256  # inf: decoded exactly; embedder-base, as clean
+        # measured; AV1 at 4:4:4 may code a flat tiny image exactly (inf), the learned codecs never do
+        assert (np.isfinite(r["psnr"]) or codec == "tiny_restore_codec") and r["psnr"] > 5
+        assert len(r["embedding"]) == 256  # embedder-base, as clean
         assert r["quality"] == 2  # a fixed quality: every row records it
     schema = pq.read_schema(next(dst.glob("*.parquet")))
     assert str(schema.field("latent").type) == "large_binary"
