@@ -21,6 +21,7 @@ class CleanConfig(runner.JobConfig):
     tile: int = 512
     ensemble: int = 1  # rotated/mirrored views averaged per tile (1, 2, 4, 8)
     embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column
+    regions: bool = True  # also the vectors of 5 half-area windows (`region_embeddings`, finds crops)
 
 
 def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
@@ -49,9 +50,10 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         prepare=partial(stages.clean_prepare, options=decode.DecodeOptions(max_pixels=cfg.max_pixels)),
         actor_cls=actors.DenoiseActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "sigma": cfg.sigma, "device": cfg.device,
-                      "tile": cfg.tile, "ensemble": cfg.ensemble, "embedder": emb_path},
+                      "tile": cfg.tile, "ensemble": cfg.ensemble, "embedder": emb_path,
+                      "regions": cfg.regions},
         post=partial(encode.encode_batch, options=enc),
-        probe=partial(probe, str(ck_path), cfg.ensemble, emb_path),
+        probe=partial(probe, str(ck_path), cfg.ensemble, emb_path, cfg.regions),
         ray=ray_opts,
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "steps": meta.get("steps"), "metrics": meta.get("metrics")},
@@ -59,7 +61,7 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
     )
 
 
-def probe(checkpoint_ref: str, ensemble: int, embedder: str, threads: int) -> float:
+def probe(checkpoint_ref: str, ensemble: int, embedder: str, regions: bool, threads: int) -> float:
     """Images/s of one denoise actor on a 768x512 photo-like image (for --dry-run's estimate)."""
     import time
 
@@ -72,6 +74,6 @@ def probe(checkpoint_ref: str, ensemble: int, embedder: str, threads: int) -> fl
     eng = infer.DenoiseEngine(checkpoint_ref, device="cpu", threads=threads, ensemble=ensemble, embedder=embedder)
     eng.denoise_one(img[:64, :64])  # warm-up
     t = time.perf_counter()
-    eng.embed_with_regions(eng.clean([img], sigma=estimate_sigma(img)))  # what the actor does per image
+    eng.vectors(eng.clean([img], sigma=estimate_sigma(img)), regions)  # what the actor does per image
     encode.encode_image(img, encode.EncodeOptions("png"))
     return 1.0 / (time.perf_counter() - t)

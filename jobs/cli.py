@@ -88,6 +88,7 @@ MinActorsOpt = Annotated[int, typer.Option(help="Fewest model actors when scalin
 MaxActorsOpt = Annotated[int, typer.Option(help="Most model actors when scaling (0: as many as the cluster's CPUs or GPUs hold).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 EmbedderOpt = Annotated[str, typer.Option(help="Copy-detection embedder for the embedding column (path or shipped name).")]
+RegionsOpt = Annotated[bool, typer.Option(help="Also store the embedder's vectors of 5 half-area windows per image (region_embeddings): search then finds crops of half an image. About 2.5x the embedder's cost; --no-regions writes nulls there (rows of this run only).")]
 
 
 def _sigma(value: str) -> float | str | None:
@@ -168,6 +169,7 @@ def clean(
     checkpoint: Annotated[str, typer.Option(help="Denoiser checkpoint (path or shipped name).")] = "denoiser-base",
     ensemble: Annotated[int, typer.Option(help="Average the model over 1, 2, 4 or 8 rotated/mirrored views (slower, a little cleaner).")] = 1,
     embedder: EmbedderOpt = "embedder-base",
+    regions: RegionsOpt = True,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
     num_actors: NumActorsOpt = 0,
     min_actors: MinActorsOpt = 1,
@@ -199,7 +201,7 @@ def clean(
                       checkpoint=checkpoint, image_column=image_column, max_pixels=max_pixels,
                       shard_size=shard_size, max_error_rate=max_error_rate, limit=limit,
                       overwrite=overwrite, device=device, ensemble=ensemble, delete=_delete(delete, limit),
-                      embedder=embedder)
+                      embedder=embedder, regions=regions)
     spec = build_spec(cfg, _ray_options(num_actors, num_gpus, batch_size, threads, actor_cpus, address,
                                         min_actors, max_actors))
     _run_spec(spec, out, dry_run)
@@ -255,6 +257,7 @@ def compress(
     avif_speed: Annotated[Optional[int], typer.Option(help="AVIF-based codecs (codec-avif): libavif encoder speed 0 (slowest, fewest bits) .. 10; default the checkpoint's. Encoder-only: every speed's streams decode alike.")] = None,
     keep_if_smaller: Annotated[bool, typer.Option(help="Keep the source bytes (codec='original') where the bitstream is not smaller.")] = False,
     embedder: EmbedderOpt = "embedder-base",
+    regions: RegionsOpt = True,
     num_actors: NumActorsOpt = 0,
     min_actors: MinActorsOpt = 1,
     max_actors: MaxActorsOpt = 0,
@@ -281,7 +284,8 @@ def compress(
                          checkpoint=checkpoint, keep_if_smaller=keep_if_smaller, avif_speed=avif_speed,
                          image_column=image_column, max_pixels=max_pixels, shard_size=shard_size,
                          max_error_rate=max_error_rate, limit=limit, overwrite=overwrite,
-                         delete=_delete(delete, limit), embedder=embedder, device=device)
+                         delete=_delete(delete, limit), embedder=embedder, regions=regions,
+                         device=device)
     try:
         spec = build_spec(cfg, _ray_options(num_actors, num_gpus, 1, threads, actor_cpus, address, min_actors, max_actors))
     except ValueError as e:

@@ -30,6 +30,7 @@ class CompressConfig(runner.JobConfig):
     avif_speed: int | None = None  # AVIF-based codecs: libavif's encoder speed (None: the checkpoint's)
     keep_if_smaller: bool = False
     embedder: str = "embedder-base"  # copy-detection embedder for the `embedding` column (as clean)
+    regions: bool = True  # also the vectors of 5 half-area windows (as clean)
 
 
 def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
@@ -63,7 +64,7 @@ def build_spec(cfg: CompressConfig, ray_opts: runner.RayOptions) -> runner.JobSp
         actor_cls=actors.CompressActor,
         actor_kwargs={"checkpoint_ref": str(ck_path), "quality": quality, "keep_if_smaller": cfg.keep_if_smaller,
                       "device": cfg.device, "embedder": emb_path, "target_psnr": cfg.target_psnr,
-                      "max_bpp": cfg.max_bpp, "avif_speed": cfg.avif_speed},
+                      "max_bpp": cfg.max_bpp, "avif_speed": cfg.avif_speed, "regions": cfg.regions},
         post=stages.passthrough, ray=ray_opts,
         probe=partial(probe, str(ck_path), quality, cfg.target_psnr, cfg.max_bpp, cfg.avif_speed),
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],

@@ -196,3 +196,7 @@ class EmbedderEngine:
         arrays += [w for img in images for w in self.windows(img)]
         out = self._forward(arrays, batch_size)
         return out[: len(images)], out[len(images) :].reshape(len(images), r, self.dim)
+
+    def vectors(self, images: list[np.ndarray], regions: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a DST row stores: the full vectors, and the region vectors (None without ``regions``)."""
+        return self.embed_with_regions(images) if regions else (self.embed(images), None)

@@ -109,8 +109,10 @@ class DenoiseActor(_ModelActor):
         embedder: str = DEFAULT_EMBEDDER,
         actor_cpus: float = 1.0,
         pool_max: int = 1,
+        regions: bool = True,
     ) -> None:
         self._init_threads(threads, actor_cpus, pool_max)
+        self.regions = regions
         self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=self.threads, tile=tile,
                                     batch_size=batch_size, ensemble=ensemble, embedder=embedder)
         self.sigma = sigma
@@ -129,11 +131,11 @@ class DenoiseActor(_ModelActor):
             if sigma is None and "noise_sigma" in batch:  # auto: the CPU stage already estimated it
                 sigma = [float(batch["noise_sigma"][i]) for i in idx]
             cleaned = self.engine.clean([pixels_of(batch, i) for i in idx], sigma)
-            vecs, reg = self.engine.embed_with_regions(cleaned)
+            vecs, reg = self.engine.vectors(cleaned, self.regions)
             for j, i in enumerate(idx):
                 pixels[i] = cleaned[j].tobytes()
                 emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls
-                regions[i] = reg[j].tobytes()
+                regions[i] = reg[j].tobytes() if reg is not None else None
         batch["pixels"] = objects(pixels)
         batch["embedding"] = objects(emb)
         batch["region_embeddings"] = objects(regions)
@@ -149,7 +151,7 @@ class CompressActor(_ModelActor):
     def __init__(self, checkpoint_ref: str, quality: int | None, keep_if_smaller: bool,
                  threads: int = 0, device: str = "auto", batch_size: int = 1, actor_cpus: float = 1.0,
                  pool_max: int = 1, embedder: str = DEFAULT_EMBEDDER, target_psnr: float | None = None,
-                 max_bpp: float | None = None, avif_speed: int | None = None) -> None:
+                 max_bpp: float | None = None, avif_speed: int | None = None, regions: bool = True) -> None:
         from models.codec import CodecEngine
         from models.embedder import EmbedderEngine
 
@@ -166,6 +168,7 @@ class CompressActor(_ModelActor):
         self.keep_if_smaller = keep_if_smaller
         self.embedder = EmbedderEngine(embedder, device="cpu")  # the same vectors as `aejob clean`
         self.embedding_model = self.embedder.model_id
+        self.regions = regions
 
     def __call__(self, batch: Batch) -> Batch:
         self._recheck_threads()
@@ -190,8 +193,8 @@ class CompressActor(_ModelActor):
                 else:
                     latent[i], codec[i], psnr[i], quality[i] = data, "aejob", coded.psnr, coded.quality
                 bpp[i] = len(latent[i]) * 8 / (img.shape[0] * img.shape[1])  # type: ignore[arg-type]
-                vec, reg = self.embedder.embed_with_regions([img])
-                emb[i], regions[i] = vec[0].tobytes(), reg[0].tobytes()
+                vec, reg = self.embedder.vectors([img], self.regions)
+                emb[i], regions[i] = vec[0].tobytes(), reg[0].tobytes() if reg is not None else None
             except Exception as e:  # one image's failure is its row's error
                 status[i], error[i] = "error", f"compress failed: {type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items() if k not in ("pixels", "exif", "source_data")}

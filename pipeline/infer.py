@@ -238,5 +238,9 @@ class DenoiseEngine:
         """The search embedding and the region vectors ([N, dim], [N, R, dim], float32) in one pass."""
         return self.embedder.embed_with_regions(images)
 
+    def vectors(self, images: list[np.ndarray], regions: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a DST row stores: the embedding, and the region vectors when ``regions``."""
+        return self.embedder.vectors(images, regions)
+
     def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
         return self.denoise([img], sigma, ensemble)[0][0]

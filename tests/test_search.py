@@ -536,3 +536,33 @@ def test_clean_and_compress_write_region_vectors(tmp_path: Path, tiny_checkpoint
         code, out, err = cli("search", dst, str(q), "-k", "2", "--json")
         assert code == 0, err
         assert json.loads(out)[0]["results"][0]["key"] == "c.png"
+
+
+def test_no_regions_writes_null_region_vectors(tmp_path: Path, tiny_checkpoint: str) -> None:
+    """`aejob clean --no-regions`: full vectors only (the same as with regions), nulls in
+    region_embeddings; the index takes such rows and an image still finds itself."""
+    import pyarrow.dataset as pads
+
+    from models.embedder import EmbedderEngine
+    from pipeline.decode import decode_image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(encode(photo(300 + i, 80, 64)))
+    dst = str(tmp_path / "dst")
+    code, _, err = cli("clean", str(src), "--out", dst, "--checkpoint", tiny_checkpoint, "--no-regions")
+    assert code == 0, err
+    rows = {r["key"]: r for r in pads.dataset(dst, format="parquet").to_table().to_pylist()}
+    assert sorted(rows) == ["0.png", "1.png", "2.png"]
+    eng = EmbedderEngine("embedder-base", threads=1, device="cpu")
+    for r in rows.values():
+        assert r["region_embeddings"] is None
+        np.testing.assert_allclose(r["embedding"], eng.embed([decode_image(r["image"]).pixels])[0], atol=1e-5)
+    s = vindex.build(dst)
+    assert (s["count"], s["regions"], s["rows_without_regions"]) == (3, 5, 3)
+    q = tmp_path / "q.png"
+    q.write_bytes(rows["1.png"]["image"])
+    code, out, err = cli("search", dst, str(q), "-k", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["results"][0]["key"] == "1.png"
