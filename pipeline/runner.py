@@ -314,10 +314,32 @@ def read_plan(batch: Batch, env: dict[str, str] | None = None) -> Iterator[Batch
             yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
 
 
+def start_ray_data_helpers() -> None:
+    """Create Ray Data's three detached helper actors now rather than at its first execution.
+
+    On a fresh (local) Ray each is a new process that imports Ray Data, and the executor blocks
+    on the location tracker's first answer before the model actors start; created here, they
+    boot while the dataset is built (first row 0.4 s sooner on 2 cores). On a long-lived cluster
+    they exist already and this is a lookup. Private Ray Data API, so best effort only.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_actor_location_tracker()
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    except Exception as e:  # another Ray version: Ray Data creates them itself
+        log.debug("Ray Data helper actors not started early: %s", e)
+
+
 def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     """read → decode → model → encode → write, as one streaming Ray Data pipeline."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
+
+    start_ray_data_helpers()
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
