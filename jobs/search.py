@@ -184,8 +184,10 @@ def register(app: typer.Typer) -> None:
         try:
             vindex.build(dst)
             idx = vindex.load(dst)
-            t = threshold if threshold is not None else default_threshold(idx.model, checkpoint,
-                                                                          idx.meta.get("regions"))
+            # rows without region vectors (all of a --no-regions DST) pair by full vectors only
+            with_regions = idx.n_regions and (idx.meta.get("rows_without_regions") or 0) < len(idx)
+            t = threshold if threshold is not None else default_threshold(
+                idx.model, checkpoint, idx.meta.get("regions") if with_regions else None)
             s = vindex.write_dedup(dst, idx, t, neighbours)
         except vindex.SearchIndexError as e:
             fail(e)

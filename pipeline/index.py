@@ -537,8 +537,8 @@ def build(dst: str, kind: str = "auto", rebuild: bool = False, params: HnswParam
     hparams = HnswParams(**old_meta["hnsw"]) if old_meta and "hnsw" in old_meta else params
     without = int((region_ids[:, 0] < 0).sum()) if n_reg else None
     if without:
-        log.warning("%s: %d of %d rows have no region vectors (written before regions): they are found by "
-                    "their full vector only; re-run the job on them to add regions", dst, without, len(keys))
+        log.warning("%s: %d of %d rows have no region vectors (written before regions, or with --no-regions): "
+                    "they are found by their full vector only", dst, without, len(keys))
     meta = {"format_version": FORMAT_VERSION, "embedding_model": model, "dim": dim, "kind": resolved,
             "requested_kind": kind, "metric": "cosine (inner product of L2-normalised vectors)",
             "regions": layout, "rows_without_regions": without,

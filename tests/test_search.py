@@ -566,3 +566,8 @@ def test_no_regions_writes_null_region_vectors(tmp_path: Path, tiny_checkpoint: 
     code, out, err = cli("search", dst, str(q), "-k", "1", "--json")
     assert code == 0, err
     assert json.loads(out)[0]["results"][0]["key"] == "1.png"
+    # no row has regions: dedup links by the full-vector threshold, not the one for regions
+    full_t = EmbedderEngine("embedder-base", threads=1, device="cpu").meta["dedup_threshold"]
+    code, out, err = cli("dedup", dst)
+    assert code == 0, err
+    assert f"at threshold {full_t:.3f}" in out
