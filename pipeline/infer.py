@@ -234,12 +234,9 @@ class DenoiseEngine:
             return np.zeros((0, self.embedding_dim), np.float32)
         return self.embedder.embed(images)
 
-    def embed_with_regions(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The search embedding and the region vectors ([N, dim], [N, R, dim], float32) in one pass."""
-        return self.embedder.embed_with_regions(images)
-
     def vectors(self, images: list[np.ndarray], regions: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """What a DST row stores: the embedding, and the region vectors when ``regions``."""
+        """What a DST row stores: the search embedding, and the region vectors ([N, dim],
+        [N, R, dim], float32, in one pass) when ``regions``."""
         return self.embedder.vectors(images, regions)
 
     def denoise_one(self, img: np.ndarray, sigma: Sigma = None, ensemble: int | None = None) -> np.ndarray:
