@@ -97,8 +97,14 @@ def to_table(batch: Batch, idx: list[int], schema: pa.Schema) -> pa.Table:
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
+    """The table as Parquet: zstd and dictionaries for the small columns; binary payloads (encoded
+    images, entropy-coded streams) stored plain, as they neither compress nor repeat (both only
+    cost CPU on every write and read: 33 -> 18 ms to write a 68-image shard, 8.7 -> 2.2 ms to read)."""
+    binary = {f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS,
+                   compression={n: "none" if n in binary else "zstd" for n in table.column_names},
+                   use_dictionary=[n for n in table.column_names if n not in binary])
     return buf.getvalue()
 
 
@@ -175,8 +181,14 @@ class ShardProgress:
 
 
 def _read(uri: str, schema: pa.Schema | None = None) -> pa.Table:
+    """One Parquet file whole. Through ``ParquetFile``, not ``pq.read_table``: the latter imports
+    ``pyarrow.dataset`` on first use (0.25 s), which a publish task at the end of a run waited on."""
     fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, schema=schema)
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read()
+    if schema is not None and not table.schema.equals(schema):
+        table = table.cast(schema)  # parts are written with the job's schema: this is a safeguard
+    return table
 
 
 def _publish_table(dst: str, run_id: str, table: pa.Table, name: str, src: str | None = None) -> dict[str, Any]:

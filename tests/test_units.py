@@ -130,3 +130,29 @@ def test_cpu_stage_functions_do_not_import_torch(tiny_checkpoint: str, tiny_hype
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False", mods
+
+
+def test_noise_estimate_matches_scikit_image_without_importing_it() -> None:
+    """The decode stage's wavelet MAD estimate: scikit-image's numbers, PyWavelets' import cost."""
+    import subprocess
+    import sys
+
+    from skimage.restoration import estimate_sigma as skimage_estimate
+
+    from pipeline.noise_level import estimate_sigma
+
+    rng = np.random.default_rng(0)
+    base = np.kron(rng.integers(40, 200, (24, 32, 3)), np.ones((16, 16, 1)))  # 384x512 blocks
+    for sigma in (5.0, 15.0, 25.0, 50.0):
+        img = np.clip(np.round(base + rng.normal(0, sigma, base.shape)), 0, 255).astype(np.uint8)
+        ours = estimate_sigma(img)
+        ref = float(skimage_estimate(img.astype(np.float32), channel_axis=-1, average_sigmas=True))
+        assert ours == pytest.approx(ref, rel=1e-6)
+        assert ours == pytest.approx(sigma, rel=0.15)  # tracks the true level (clipping aside)
+    assert 0.0 <= estimate_sigma(np.full((64, 64, 3), 128, np.uint8)) < 1e-6  # flat: ~0, never NaN
+    code = ("import sys, numpy as np\nfrom pipeline.noise_level import estimate_sigma\n"
+            "estimate_sigma(np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8))\n"
+            "print('skimage' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
