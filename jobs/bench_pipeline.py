@@ -5,7 +5,8 @@ Both run on the same noisy images with the same torch threads in one invocation,
 caches or a running Ray:
 - bare loop (``python -m jobs.bench_pipeline bare``): the job's per-image work in one process,
   nothing else (the ceiling): decode, noise estimate, denoise, the embedding with its region
-  vectors, PNG encode; its engine is the one the job's ``DenoiseActor`` builds (same denoiser
+  vectors, PNG encode; its engine is the one the job's ``DenoiseActor`` builds (ONNX Runtime
+  where both checkpoints have exports, as ``pipeline.ort_engine.denoise_engine`` picks; same denoiser
   and embedder checkpoints, tile, batch size, ensemble, threads; on CPU);
 - job: the command line ``aejob clean`` (``python -m jobs.cli clean``) on a local Ray of its own,
   from a folder to a Parquet DST (everything included: listing, Ray Data stages, actor start
@@ -52,8 +53,9 @@ def bare_loop(src: str, checkpoint: str, threads: int, batch_size: int, out: str
     from pipeline import decode as decode_mod
     from pipeline import runner
     from pipeline.encode import EncodeOptions, encode_image
-    from pipeline.infer import DenoiseEngine, Sigma
     from pipeline.noise_level import estimate_sigma
+    from pipeline.ort_engine import OrtDenoiseEngine, denoise_engine
+    from pipeline.tiling import Sigma
 
     # the engine is built from the job's own actor arguments (same checkpoints, tile, ensemble)
     spec = build_spec(CleanConfig(src=src, dst=src + ".unused", checkpoint=checkpoint),
@@ -64,8 +66,8 @@ def bare_loop(src: str, checkpoint: str, threads: int, batch_size: int, out: str
     dec_opts = decode_mod.DecodeOptions(max_pixels=cfg.max_pixels)
     enc_opts = EncodeOptions(cfg.format, cfg.quality)
     t = time.perf_counter()
-    eng = DenoiseEngine(kw["checkpoint_ref"], device="cpu", threads=threads, tile=kw["tile"],
-                        batch_size=batch_size, ensemble=kw["ensemble"], embedder=kw["embedder"])
+    eng = denoise_engine(kw["checkpoint_ref"], device="cpu", threads=threads, tile=kw["tile"],
+                         batch_size=batch_size, ensemble=kw["ensemble"], embedder=kw["embedder"])
     setup_s = time.perf_counter() - t
     outputs: dict[str, bytes] = {}
     for p in sorted(Path(src).iterdir()):
@@ -79,7 +81,8 @@ def bare_loop(src: str, checkpoint: str, threads: int, batch_size: int, out: str
     Path(out).mkdir(parents=True, exist_ok=True)
     for name, data in outputs.items():
         (Path(out) / name).write_bytes(data)
-    return {"seconds": seconds, "setup_s": setup_s}
+    return {"seconds": seconds, "setup_s": setup_s,
+            "engine": "onnxruntime" if isinstance(eng, OrtDenoiseEngine) else "torch"}
 
 
 def _fresh_process(args: list[str]) -> tuple[float, str]:
@@ -138,7 +141,7 @@ def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads
         job_s = round(float(manifest["timings"]["total_s"]) - init_s, 3)
         pairs.append({"bare_seconds": round(bare["seconds"], 3), "job_seconds": job_s,
                       "job_over_bare": round(bare["seconds"] / job_s, 4),
-                      "bare_setup_s": round(bare["setup_s"], 3),
+                      "bare_setup_s": round(bare["setup_s"], 3), "engine": bare["engine"],
                       "job_first_row_s": round(float(manifest["timings"]["first_row_s"]) - init_s, 3),
                       "job_ray_init_s": init_s,
                       "job_rows_ok": manifest["counts"]["rows_ok"],
@@ -162,6 +165,7 @@ def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads
         "sigma": sigma,
         "noise": "additive white Gaussian, clipped and rounded to uint8, seeds 1000+i",
         "checkpoint": checkpoint,
+        "engine": mid["engine"],  # the bare loop's, which the job's actor picks the same way
         "threads": threads,
         "num_actors": num_actors,
         "repeats": repeats,

@@ -71,7 +71,9 @@ def probe(checkpoint_ref: str, ensemble: int, embedder: str, regions: bool, thre
     rng = np.random.default_rng(0)
     img = add_awgn_uint8(np.repeat(np.linspace(0, 255, 768, dtype=np.uint8)[None, :, None], 512, 0)
                          .repeat(3, 2), 15.0, seed=int(rng.integers(1 << 16)))
-    eng = infer.DenoiseEngine(checkpoint_ref, device="cpu", threads=threads, ensemble=ensemble, embedder=embedder)
+    from pipeline.ort_engine import denoise_engine
+
+    eng = denoise_engine(checkpoint_ref, device="cpu", threads=threads, ensemble=ensemble, embedder=embedder)
     eng.denoise_one(img[:64, :64])  # warm-up
     t = time.perf_counter()
     eng.vectors(eng.clean([img], sigma=estimate_sigma(img)), regions)  # what the actor does per image

@@ -191,7 +191,7 @@ def clean(
     """Denoise every image of SRC into a Parquet dataset at --out (one row per input)."""
     from jobs.clean import CleanConfig, build_spec
     from pipeline import encode
-    from pipeline.infer import ENSEMBLES
+    from pipeline.tiling import ENSEMBLES
 
     if format not in encode.FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(encode.FORMATS)}")
@@ -346,6 +346,27 @@ def train_release(
     meta["released_from"] = {"file": ck.path.name, "sha256": ck.sha256}
     sha = checkpoint.save(out, ck.name, ck.config, ck.model, meta, dtype=torch.float16)
     typer.echo(f"{out.with_suffix('.safetensors')} sha256 {sha}")
+    _export_if_engine(out.with_suffix(".safetensors"))
+
+
+def _export_if_engine(ref: Path | str) -> None:
+    """Denoisers and embedders get their ONNX export (the CPU engine's) beside them."""
+    from models import checkpoint, export
+
+    if checkpoint.read_meta(ref).get("name") in ("resunet-denoiser", "copy-embedder"):
+        typer.echo(f"{export.export_onnx(ref)} (ONNX export for the CPU engine)")
+
+
+@app.command("export-onnx")
+def export_onnx(
+    checkpoints: Annotated[list[str], typer.Argument(help="Denoiser or embedder checkpoints (paths or shipped names).")],
+) -> None:
+    """Write the ONNX export of each checkpoint beside it: CPU model actors then run ONNX Runtime
+    and never import torch (about 1 s sooner to their first batch)."""
+    from models import export
+
+    for ref in checkpoints:
+        typer.echo(str(export.export_onnx(ref)))
 
 
 def _register_plugins() -> None:

@@ -13,13 +13,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from models import registry
+if TYPE_CHECKING:  # torch only where tensors are read or written: reading a sidecar needs none
+    import torch
+    from torch import nn
 
 FORMAT_VERSION = 1
 PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
@@ -68,6 +66,8 @@ def save(
 
     ``dtype=torch.float16`` halves the file for release checkpoints (loaded back as float32).
     """
+    from safetensors.torch import save_file
+
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -127,6 +127,10 @@ def read_meta(ref: str | os.PathLike[str]) -> dict[str, Any]:
 def load(
     ref: str | os.PathLike[str], map_location: str = "cpu", verify: bool = True
 ) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    from models import registry
+
     path = resolve(ref)
     meta = read_meta(path)
     digest = sha256_file(path)

@@ -5,10 +5,11 @@ resized, cropped to half its area, slightly rotated, flipped, noisy, blurred, co
 land close together and different pictures far apart (SSCD's recipe, scaled down to a few
 milliseconds per image on a CPU core).
 
-``EmbedderEngine.embed`` downscales every image (shorter side ``input_size``, aspect kept, the
-long side capped at ``max_aspect`` times the short by a centre crop) before the network: its cost
-is then independent of the image size. Embeddings are computed in float32 on every device
-(no autocast, no TF32), so the same image gets the same vector on CPU and GPU up to rounding.
+``embed`` (``models/regions.py``, shared with the ONNX engine) downscales every image (shorter
+side ``input_size``, aspect kept, the long side capped at ``max_aspect`` times the short by a
+centre crop) before the network: its cost is then independent of the image size. Embeddings are
+computed in float32 on every device (no autocast, no TF32), so the same image gets the same
+vector on CPU and GPU up to rounding.
 
 ``embed_regions`` / ``embed_with_regions`` add the database side's regional vectors: 5 windows
 of half the area of the image prepared at a shorter side of 160 (``models/regions.py``), which
@@ -25,12 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from models.regions import REGIONS, RegionSpec
+from models.regions import DEFAULT_EMBEDDER, REGIONS, EmbedderBase, RegionSpec
+from models.regions import prepare as prepare  # re-exported: training and tests prepare as the engine does
 
-DEFAULT_EMBEDDER = "embedder-base"
 KIND = "embedder"
 
 
@@ -95,30 +95,6 @@ def register_all(register: Any, entry_cls: Any) -> None:
     ))
 
 
-def prepare(img: np.ndarray, size: int, max_aspect: float) -> np.ndarray:
-    """uint8 HxWx3 → uint8 hxwx3 with the shorter side ``size`` (antialiased, aspect kept; an
-    image longer than ``max_aspect`` times its width or height is centre-cropped to that)."""
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    h, w = img.shape[:2]
-    cap = max_aspect * min(h, w)
-    if max(h, w) > cap:
-        if h > w:
-            c = int(round(cap))
-            y = (h - c) // 2
-            img, h = img[y : y + c], c
-        else:
-            c = int(round(cap))
-            x = (w - c) // 2
-            img, w = img[:, x : x + c], c
-    s = size / min(h, w)
-    nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
-    if (nh, nw) == (h, w):
-        return np.ascontiguousarray(img[:, :, :3])
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, :3])).resize((nw, nh), Image.Resampling.BILINEAR,
-                                                                                   reducing_gap=None))
-
-
 @contextlib.contextmanager
 def _strict_fp32() -> Iterator[None]:
     """No TF32 on CUDA: the vectors must not depend on the device's matmul precision."""
@@ -131,7 +107,7 @@ def _strict_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-class EmbedderEngine:
+class EmbedderEngine(EmbedderBase):
     """Loads an embedder checkpoint once; ``embed`` maps uint8 RGB images to float32 [N, dim],
     ``embed_regions`` to their region vectors [N, R, dim] (``models/regions.py``)."""
 
@@ -149,6 +125,7 @@ class EmbedderEngine:
             raise ValueError(f"{checkpoint_ref}: {ck.name} is not an embedder checkpoint")
         self.model = ck.model.float().to(self.device).eval()
         self.config: EmbedderConfig = ck.config
+        self.input_size, self.max_aspect = int(self.config.input_size), float(self.config.max_aspect)
         self.name = ck.name
         self.sha256 = ck.sha256
         self.meta = ck.meta
@@ -172,31 +149,3 @@ class EmbedderEngine:
                     x = x.to(self.device, torch.float32).div_(255)
                     out[chunk] = self.model(x).cpu().numpy()
         return out
-
-    def embed(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """uint8 HxWx3 RGB images of any size → L2-normalised float32 [N, dim]."""
-        prepared = [prepare(img, self.config.input_size, self.config.max_aspect) for img in images]
-        return self._forward(prepared, batch_size)
-
-    def windows(self, img: np.ndarray) -> list[np.ndarray]:
-        """The region windows of one image (``self.regions``), cut from it prepared at ``regions.size``."""
-        p = prepare(img, self.regions.size, self.config.max_aspect)
-        return [p[y : y + h, x : x + w] for y, x, h, w in self.regions.boxes(*p.shape[:2])]
-
-    def embed_regions(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """uint8 HxWx3 RGB images → the region vectors, L2-normalised float32 [N, R, dim]."""
-        wins = [w for img in images for w in self.windows(img)]
-        return self._forward(wins, batch_size).reshape(len(images), self.regions.count, self.dim)
-
-    def embed_with_regions(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Both in one pass: (full vectors [N, dim], region vectors [N, R, dim]), float32; the full
-        vectors are ``embed``'s."""
-        r = self.regions.count
-        arrays = [prepare(img, self.config.input_size, self.config.max_aspect) for img in images]
-        arrays += [w for img in images for w in self.windows(img)]
-        out = self._forward(arrays, batch_size)
-        return out[: len(images)], out[len(images) :].reshape(len(images), r, self.dim)
-
-    def vectors(self, images: list[np.ndarray], regions: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """What a DST row stores: the full vectors, and the region vectors (None without ``regions``)."""
-        return self.embed_with_regions(images) if regions else (self.embed(images), None)

@@ -1,7 +1,9 @@
-"""Database-side regional vectors of the copy-detection embedder (no torch: schemas use it).
+"""The copy-detection embedder's torch-free half: image preparation, the database-side regional
+vectors, and the embedding methods both engines share (torch in ``models/embedder.py``, ONNX
+Runtime in ``pipeline/ort_engine.py``). No torch here: schemas and CPU workers import it.
 
 Besides its full-image vector, every DST row stores the vectors of ``REGIONS.count`` windows of
-its image: the image is prepared (``models.embedder.prepare``) at a shorter side of
+its image: the image is prepared (:func:`prepare`) at a shorter side of
 ``REGIONS.size`` px, then the 4 corners and the centre, each ``sqrt(REGIONS.keep)`` of its width
 and height (about 113 px short side), are cut from that array and embedded like images. A query
 (one image, full vector only) scores a DST row by the max over the row's full and region
@@ -19,6 +21,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+DEFAULT_EMBEDDER = "embedder-base"
 REGION_COLUMN = "region_embeddings"
 FIELD_META_KEY = b"aejob.regions"  # the layout, as JSON, in the Parquet field's metadata
 
@@ -49,3 +55,68 @@ class RegionSpec:
 
 
 REGIONS = RegionSpec()
+
+
+def prepare(img: np.ndarray, size: int, max_aspect: float) -> np.ndarray:
+    """uint8 HxWx3 → uint8 hxwx3 with the shorter side ``size`` (antialiased, aspect kept; an
+    image longer than ``max_aspect`` times its width or height is centre-cropped to that)."""
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    h, w = img.shape[:2]
+    cap = max_aspect * min(h, w)
+    if max(h, w) > cap:
+        if h > w:
+            c = int(round(cap))
+            y = (h - c) // 2
+            img, h = img[y : y + c], c
+        else:
+            c = int(round(cap))
+            x = (w - c) // 2
+            img, w = img[:, x : x + c], c
+    s = size / min(h, w)
+    nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
+    if (nh, nw) == (h, w):
+        return np.ascontiguousarray(img[:, :, :3])
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, :3])).resize((nw, nh), Image.Resampling.BILINEAR,
+                                                                                   reducing_gap=None))
+
+
+class EmbedderBase:
+    """``embed``, ``windows``, ``embed_regions``, ``embed_with_regions`` and ``vectors`` over a
+    backend's ``_forward`` (prepared uint8 hxwx3 arrays -> float32 [N, dim])."""
+
+    dim: int
+    regions: RegionSpec
+    input_size: int
+    max_aspect: float
+
+    def _forward(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """uint8 HxWx3 RGB images of any size → L2-normalised float32 [N, dim]."""
+        prepared = [prepare(img, self.input_size, self.max_aspect) for img in images]
+        return self._forward(prepared, batch_size)
+
+    def windows(self, img: np.ndarray) -> list[np.ndarray]:
+        """The region windows of one image (``self.regions``), cut from it prepared at ``regions.size``."""
+        p = prepare(img, self.regions.size, self.max_aspect)
+        return [p[y : y + h, x : x + w] for y, x, h, w in self.regions.boxes(*p.shape[:2])]
+
+    def embed_regions(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """uint8 HxWx3 RGB images → the region vectors, L2-normalised float32 [N, R, dim]."""
+        wins = [w for img in images for w in self.windows(img)]
+        return self._forward(wins, batch_size).reshape(len(images), self.regions.count, self.dim)
+
+    def embed_with_regions(self, images: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Both in one pass: (full vectors [N, dim], region vectors [N, R, dim]), float32; the full
+        vectors are ``embed``'s."""
+        r = self.regions.count
+        arrays = [prepare(img, self.input_size, self.max_aspect) for img in images]
+        arrays += [w for img in images for w in self.windows(img)]
+        out = self._forward(arrays, batch_size)
+        return out[: len(images)], out[len(images) :].reshape(len(images), r, self.dim)
+
+    def vectors(self, images: list[np.ndarray], regions: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a DST row stores: the full vectors, and the region vectors (None without ``regions``)."""
+        return self.embed_with_regions(images) if regions else (self.embed(images), None)

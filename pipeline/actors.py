@@ -6,9 +6,11 @@
 - ``DecompressActor`` (``aejob decompress``): bitstreams back to image files.
 
 Constructor arguments are plain values (an ``ObjectRef`` at most), so an actor that the pool
-restarts after a crash is rebuilt from the same arguments. Torch threads come from the CPUs of
-the node the actor runs on divided by the actors there (:func:`node_threads`), never from the
-cluster's total.
+restarts after a crash is rebuilt from the same arguments. Threads come from the CPUs of the
+node the actor runs on divided by the actors there (:func:`node_threads`), never from the
+cluster's total. This module does not import torch: on CPU a ``DenoiseActor`` runs the ONNX
+Runtime engine (``pipeline/ort_engine.py``) and its process never loads torch (~1 s sooner to
+its first batch); the torch engines import it when they are built.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from models.embedder import DEFAULT_EMBEDDER
+from models.regions import DEFAULT_EMBEDDER
 from pipeline import decode, storage
-from pipeline.batch import normalize, objects
-from pipeline.infer import DEFAULT_DENOISER, DenoiseEngine, Sigma, ok_rows, pick_device, pixels_of
+from pipeline.batch import normalize, objects, ok_rows, pixels_of
+from pipeline.ort_engine import OrtDenoiseEngine, denoise_engine
+from pipeline.tiling import DEFAULT_DENOISER, Sigma
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ def node_threads(actor_cpus: float, pool_max: int, actor_class: str) -> int:
     return threads_for(node_cpus, here)
 
 
-def set_threads(threads: int, actor_cpus: float, pool_max: int, actor_class: str) -> int:
-    """Apply ``threads`` (an explicit setting) or the node's share; returns what was set.
+def set_threads(threads: int, actor_cpus: float, pool_max: int, actor_class: str, torch_threads: bool = True) -> int:
+    """``threads`` (an explicit setting) or the node's share; applied to torch unless
+    ``torch_threads`` is False (an ORT engine takes its threads when its sessions are made).
 
     Ray gives fractional-CPU actors OMP_NUM_THREADS=1, so torch's threads are set explicitly.
     """
@@ -72,7 +75,10 @@ def set_threads(threads: int, actor_cpus: float, pool_max: int, actor_class: str
             threads = node_threads(actor_cpus, pool_max, actor_class)
         except Exception:  # not inside Ray (a plain engine in tests)
             threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(threads)
     return threads
 
 
@@ -81,14 +87,16 @@ class _ModelActor:
 
     RECHECK_S = 60.0
 
-    def _init_threads(self, threads: int, actor_cpus: float, pool_max: int) -> None:
+    def _init_threads(self, threads: int, actor_cpus: float, pool_max: int, torch_threads: bool = True) -> None:
         self._fixed_threads = threads
         self._actor_cpus, self._pool_max = actor_cpus, pool_max
-        self.threads = set_threads(threads, actor_cpus, pool_max, type(self).__name__)
+        self._torch_threads = torch_threads
+        self.threads = set_threads(threads, actor_cpus, pool_max, type(self).__name__, torch_threads)
         self._checked = time.time()
 
     def _recheck_threads(self) -> None:
-        if self._fixed_threads or time.time() - self._checked < self.RECHECK_S:
+        # ORT sessions keep the thread count they were made with
+        if self._fixed_threads or not self._torch_threads or time.time() - self._checked < self.RECHECK_S:
             return
         self._checked = time.time()
         self.threads = set_threads(0, self._actor_cpus, self._pool_max, type(self).__name__)
@@ -111,12 +119,16 @@ class DenoiseActor(_ModelActor):
         pool_max: int = 1,
         regions: bool = True,
     ) -> None:
-        self._init_threads(threads, actor_cpus, pool_max)
+        from pipeline.ort_engine import onnx_ready
+
+        ort = onnx_ready(checkpoint_ref, embedder, device)
+        self._init_threads(threads, actor_cpus, pool_max, torch_threads=not ort)
         self.regions = regions
-        self.engine = DenoiseEngine(checkpoint_ref, device=device, threads=self.threads, tile=tile,
-                                    batch_size=batch_size, ensemble=ensemble, embedder=embedder)
+        self.engine = denoise_engine(checkpoint_ref, device=device, threads=self.threads, tile=tile,
+                                     batch_size=batch_size, ensemble=ensemble, embedder=embedder)
         self.sigma = sigma
-        log.info("denoiser %s on %s, %d threads", self.engine.name, self.engine.device, self.threads)
+        log.info("denoiser %s on %s (%s), %d threads", self.engine.name, self.engine.device,
+                 "onnxruntime" if isinstance(self.engine, OrtDenoiseEngine) else "torch", self.threads)
 
     def __call__(self, batch: Batch) -> Batch:
         self._recheck_threads()
@@ -154,6 +166,7 @@ class CompressActor(_ModelActor):
                  max_bpp: float | None = None, avif_speed: int | None = None, regions: bool = True) -> None:
         from models.codec import CodecEngine
         from models.embedder import EmbedderEngine
+        from pipeline.infer import pick_device
 
         del batch_size  # images are coded one at a time (each has its own size)
         self._init_threads(threads, actor_cpus, pool_max)

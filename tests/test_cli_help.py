@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 
 COMMANDS = [
-    [], ["clean"], ["export"], ["compress"], ["decompress"], ["verify"], ["submit"], ["demo"],
+    [], ["clean"], ["export"], ["export-onnx"], ["compress"], ["decompress"], ["verify"], ["submit"], ["demo"],
     ["train"], ["train", "denoiser"], ["train", "codec"], ["train", "release"],
     ["bench"], ["bench", "denoise"], ["bench", "codec"], ["bench", "pipeline"],
 ]

@@ -12,7 +12,8 @@ from PIL import Image
 
 from models import checkpoint, registry
 from models.denoiser import ResUNetDenoiser, macs_per_pixel
-from pipeline.infer import DenoiseEngine, tile_starts
+from pipeline.infer import DenoiseEngine
+from pipeline.tiling import tile_starts
 from tests.conftest import make_image
 
 
