@@ -54,7 +54,7 @@ def find_checkpoint(model_id: str, checkpoint: str | None = None) -> Path:
         if not sha.startswith(prefix) or ck.read_meta(path).get("name") != name:
             raise vindex.SearchIndexError(f"{checkpoint} (sha256 {sha[:12]}) is not the index's model {model_id}")
         return path
-    for side in sorted(ck.PACKAGE_WEIGHTS.glob("*.json")):
+    for side in ck.shipped_sidecars():
         try:
             meta = json.loads(side.read_text())
         except (OSError, ValueError):

@@ -104,10 +104,15 @@ def resolve(ref: str | os.PathLike[str]) -> Path:
     raise CheckpointError(f"checkpoint not found: {ref}")
 
 
+def shipped_sidecars() -> list[Path]:
+    """The JSON sidecars of the checkpoints shipped in ``models/weights`` (not of their exports)."""
+    return [p for p in sorted(PACKAGE_WEIGHTS.glob("*.json")) if p.with_suffix(".safetensors").exists()]
+
+
 def shipped_with_sha256(sha256: str) -> list[Path]:
     """Checkpoints shipped in ``models/weights`` whose sidecar records ``sha256``."""
     out = []
-    for side in sorted(PACKAGE_WEIGHTS.glob("*.json")):
+    for side in shipped_sidecars():
         try:
             if json.loads(side.read_text()).get("sha256") == sha256:
                 out.append(side.with_suffix(".safetensors"))

@@ -6,10 +6,10 @@ it without torch (kind, name, downsampling multiple, embedding size and input pr
 export whose checkpoint changed is ignored (the torch engine runs instead), never used stale.
 
 Why: a CPU model actor that runs ONNX Runtime does not import torch. That import is ~1 s of CPU
-in every actor process before its first batch (and ~200 MB of its memory), the largest part of a
-job's fixed start-up on small machines; ORT's CPU kernels are also a little faster on these
-convolutional nets (denoiser, 320x480 tile, 2 threads: 152 vs 163 ms). Outputs agree with torch's
-to float rounding (tests pin it). ``aejob export-onnx NAME...`` writes exports; the shipped
+in every actor process before its first batch (and half its memory: peak RSS 180 vs 374 MB after
+one CBSD68 image), once the largest part of a job's fixed start-up on small machines; ORT's CPU
+kernels are also faster on these convolutional nets (CBSD68 image, 2 threads: 0.14 vs 0.19 s).
+Outputs agree with torch's to float rounding (tests pin it). ``aejob export-onnx NAME...`` writes exports; the shipped
 checkpoints ship theirs.
 """
 

@@ -22,7 +22,7 @@ STREAMS = sorted(GOLDEN.glob("*.bin"))
 
 
 def test_every_shipped_codec_has_a_golden_archive() -> None:
-    shipped = {p.stem for p in checkpoint.PACKAGE_WEIGHTS.glob("*.json")
+    shipped = {p.stem for p in checkpoint.shipped_sidecars()
                if checkpoint.read_meta(p.with_suffix(".safetensors")).get("kind") == "codec"}
     assert shipped and shipped <= {p.stem for p in STREAMS}
 
