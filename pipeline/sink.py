@@ -136,8 +136,6 @@ def write_parts(batch: Batch, dst: str, run_id: str, schema: pa.Schema, env: dic
                 u["ok" if batch["status"][i] == "ok" else "error"] += 1
                 if "source_version" in batch and batch["source_version"][i]:
                     u["version"] = str(batch["source_version"][i])
-                if int(batch["unit_items"][i]) > 0:  # a loose file: its one row ends its unit
-                    u["end"], u["unit_items"] = True, int(batch["unit_items"][i])
             else:  # the unit's end row: how many item rows the unit has in all
                 u["end"] = True
                 u["unit_items"] = int(batch["unit_items"][i])

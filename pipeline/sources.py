@@ -25,9 +25,8 @@ Anything else is skipped and counted; hidden files and folders are left out.
 Units are grouped into output *shards*: one per tar/Parquet file, and chunks of loose files.
 The read stage turns unit rows into item rows carrying the raw bytes, streaming containers
 (tar members one by one, Parquet in small batches); it never decodes (a bad file must become an
-error row, not a failed task). Every container ends with one ``kind='meta'`` row that carries the
-number of item rows it yielded (a streamed container's count is known only at its end); a loose
-file's one row carries that count (1) itself.
+error row, not a failed task). Every unit ends with one ``kind='meta'`` row that carries the
+number of item rows the unit yielded (a streamed container's count is known only at its end).
 """
 
 from __future__ import annotations
@@ -599,21 +598,13 @@ def unit_items(unit: dict[str, str], image_column: str = "image") -> Iterator[di
     A container failing midway keeps the rows already yielded and adds one error row keyed
     ``<unit>#error``; a loose file's error row takes the file's key. The end row (``kind='meta'``,
     key ``<unit>#end``) carries ``unit_items`` = the item rows yielded and ``skipped_members``.
-    A loose file is its only row, and that row ends its unit (``unit_items`` = 1; item rows of
-    containers carry 0): no end row, so a model call of ``--batch-size`` rows gets as many images.
     """
-    if unit["kind"] == "file":
-        try:
-            row = _row(unit, unit["unit"], unit["uri"], storage.read_bytes(unit["uri"]))
-        except Exception as e:  # unreadable: its error row, the unit goes on
-            row = _row(unit, unit["unit"], unit["uri"], None, error=_failure(unit, e, before_any=True))
-        row["unit_items"] = 1
-        yield row
-        return
     count, skipped = 0, [0]
     try:
         items: Iterator[dict[str, Any]]
-        if unit["kind"] == "tar":
+        if unit["kind"] == "file":
+            items = iter([_row(unit, unit["unit"], unit["uri"], storage.read_bytes(unit["uri"]))])
+        elif unit["kind"] == "tar":
             items = _tar_items(unit, skipped)
         else:
             items = _parquet_items(unit, image_column)
@@ -643,8 +634,7 @@ def read_units(batch: dict[str, np.ndarray], image_column: str = "image",
     A generator yielding at most ``READ_CHUNK_ROWS`` rows (or about ``READ_CHUNK_BYTES``) per
     block; containers are streamed, so a worker holds one tar member or one small Parquet
     batch, never a whole container.
-    Every container ends with one ``kind='meta'`` row; a loose file's one row ends its unit
-    (see :func:`unit_items`). ``env``: the
+    Every unit ends with one ``kind='meta'`` row (see :func:`unit_items`). ``env``: the
     driver's storage settings (``storage.job_env``).
     """
     storage.apply_env(env)

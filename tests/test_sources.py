@@ -363,8 +363,6 @@ def by_unit(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for r in rows:
         out.setdefault(r["unit"], []).append(r)
     for unit, rs in out.items():
-        if len(rs) == 1 and rs[0]["kind"] == "item" and rs[0]["unit_items"] == 1:
-            continue  # a loose file: one row that ends its unit
         *items, end = rs
         assert end["kind"] == "meta" and end["key"] == f"{unit}#end" and end["status"] == "ok"
         assert end["data"] is None and end["unit_items"] == len(items)
@@ -401,9 +399,9 @@ def test_read_units_streams_containers_and_ends_every_unit(tmp_path: Path) -> No
     assert p[2]["error"] == "duplicate key 'k1' in source" and p[3]["error"] == "null 'image' value"
     assert p[1]["source_uri"] == f"{par}#row=1"
     f = units["f.png"]
-    assert len(f) == 1 and f[0]["key"] == "f.png" and f[0]["data"] == imgs[23] and f[0]["unit_items"] == 1
+    assert len(f) == 2 and f[0]["key"] == "f.png" and f[0]["data"] == imgs[23]
     g = units["gone.png"]
-    assert len(g) == 1 and g[0]["key"] == "gone.png" and g[0]["status"] == "error" and g[0]["unit_items"] == 1
+    assert len(g) == 2 and g[0]["key"] == "gone.png" and g[0]["status"] == "error"
     assert g[0]["error"].startswith("read failed: FileNotFoundError")
     # another image column; no key column: <file>/<row>; no version column: ""
     n = by_unit(read_rows(plan_batch([("n.parquet", str(nokey), "parquet")], version=False), image_column="img"))
