@@ -135,17 +135,7 @@ class EmbedderEngine(EmbedderBase):
         self.regions = regions  # the windows of ``embed_regions`` (recorded with the column)
 
     @torch.inference_mode()
-    def _forward(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
-        """uint8 hxwx3 arrays, already prepared → float32 [N, dim]; arrays of one shape are batched."""
-        out = np.zeros((len(arrays), self.dim), np.float32)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(arrays):
-            by_shape.setdefault(p.shape, []).append(i)
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device, torch.float32).div_(255)
         with _strict_fp32():
-            for idx in by_shape.values():
-                for j in range(0, len(idx), batch_size):
-                    chunk = idx[j : j + batch_size]
-                    x = torch.from_numpy(np.stack([arrays[i] for i in chunk])).permute(0, 3, 1, 2)
-                    x = x.to(self.device, torch.float32).div_(255)
-                    out[chunk] = self.model(x).cpu().numpy()
-        return out
+            return self.model(t).cpu().numpy()  # type: ignore[no-any-return]

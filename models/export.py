@@ -9,8 +9,8 @@ Why: a CPU model actor that runs ONNX Runtime does not import torch. That import
 in every actor process before its first batch (and half its memory: peak RSS 180 vs 374 MB after
 one CBSD68 image), once the largest part of a job's fixed start-up on small machines; ORT's CPU
 kernels are also faster on these convolutional nets (CBSD68 image, 2 threads: 0.14 vs 0.19 s).
-Outputs agree with torch's to float rounding (tests pin it). ``aejob export-onnx NAME...`` writes exports; the shipped
-checkpoints ship theirs.
+Outputs agree with torch's to float rounding (tests pin it). ``aejob export-onnx NAME...`` writes
+exports; the shipped checkpoints ship theirs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 from models import checkpoint
 
 ONNX_OPSET = 17
-KINDS = ("denoiser", "embedder")
 
 
 def paths(ref: str | os.PathLike[str]) -> tuple[Path, Path]:

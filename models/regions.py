@@ -83,15 +83,28 @@ def prepare(img: np.ndarray, size: int, max_aspect: float) -> np.ndarray:
 
 class EmbedderBase:
     """``embed``, ``windows``, ``embed_regions``, ``embed_with_regions`` and ``vectors`` over a
-    backend's ``_forward`` (prepared uint8 hxwx3 arrays -> float32 [N, dim])."""
+    backend's ``_run`` (one batch of prepared images of one shape -> float32 [N, dim])."""
 
     dim: int
     regions: RegionSpec
     input_size: int
     max_aspect: float
 
-    def _forward(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """The network on one batch: uint8 [N, h, w, 3] -> float32 [N, dim]."""
         raise NotImplementedError
+
+    def _forward(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """uint8 hxwx3 arrays, already prepared → float32 [N, dim]; arrays of one shape are batched."""
+        out = np.zeros((len(arrays), self.dim), np.float32)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(arrays):
+            by_shape.setdefault(p.shape, []).append(i)
+        for idx in by_shape.values():
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j : j + batch_size]
+                out[chunk] = self._run(np.stack([arrays[i] for i in chunk]))
+        return out
 
     def embed(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """uint8 HxWx3 RGB images of any size → L2-normalised float32 [N, dim]."""

@@ -119,13 +119,12 @@ class DenoiseActor(_ModelActor):
         pool_max: int = 1,
         regions: bool = True,
     ) -> None:
-        from pipeline.ort_engine import onnx_ready
-
-        ort = onnx_ready(checkpoint_ref, embedder, device)
-        self._init_threads(threads, actor_cpus, pool_max, torch_threads=not ort)
+        # the count first; a torch engine applies it to torch itself, an ORT one to its sessions
+        self._init_threads(threads, actor_cpus, pool_max, torch_threads=False)
         self.regions = regions
         self.engine = denoise_engine(checkpoint_ref, device=device, threads=self.threads, tile=tile,
                                      batch_size=batch_size, ensemble=ensemble, embedder=embedder)
+        self._torch_threads = not isinstance(self.engine, OrtDenoiseEngine)  # rechecked: torch only
         self.sigma = sigma
         log.info("denoiser %s on %s (%s), %d threads", self.engine.name, self.engine.device,
                  "onnxruntime" if isinstance(self.engine, OrtDenoiseEngine) else "torch", self.threads)

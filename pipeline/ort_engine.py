@@ -67,17 +67,8 @@ class OrtEmbedder(EmbedderBase):
         self.model_id = f"{self.name}:{self.sha256[:12]}"
         self.regions = regions
 
-    def _forward(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
-        out = np.zeros((len(arrays), self.dim), np.float32)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(arrays):
-            by_shape.setdefault(p.shape, []).append(i)
-        for idx in by_shape.values():
-            for j in range(0, len(idx), batch_size):
-                chunk = idx[j : j + batch_size]
-                x = np.stack([arrays[i] for i in chunk]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-                out[chunk] = self.net(x=x)
-        return out
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.net(x=x.transpose(0, 3, 1, 2).astype(np.float32) / 255)
 
 
 class OrtDenoiseEngine(DenoiserBase):
@@ -120,24 +111,36 @@ def _gpu_visible() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def onnx_ready(checkpoint_ref: str, embedder: str, device: str = "auto") -> bool:
-    """Whether :func:`denoise_engine` takes ORT for these checkpoints on ``device``."""
-    choice = os.environ.get(ENGINE_ENV, "").lower()
-    if choice == "torch" or device not in ("cpu", "auto") or (device == "auto" and _gpu_visible()):
+def _ort_allowed(device: str) -> bool:
+    """Whether ORT may run here: not forced to torch, a CPU device, onnxruntime installed."""
+    if os.environ.get(ENGINE_ENV, "").lower() == "torch" or device not in ("cpu", "auto"):
+        return False
+    if device == "auto" and _gpu_visible():
         return False
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
-    return export.find(checkpoint_ref) is not None and export.find(embedder) is not None
+    return True
+
+
+def onnx_ready(checkpoint_ref: str, embedder: str, device: str = "auto") -> bool:
+    """Whether :func:`denoise_engine` takes ORT for these checkpoints on ``device``."""
+    return _ort_allowed(device) and export.find(checkpoint_ref) is not None and export.find(embedder) is not None
 
 
 def denoise_engine(checkpoint_ref: str = DEFAULT_DENOISER, device: str = "auto", threads: int = 0, tile: int = 512,
                    overlap: int = 32, batch_size: int = 4, ensemble: int = 1,
                    embedder: str = DEFAULT_EMBEDDER) -> DenoiserBase:
-    """The ORT engine on CPU when both checkpoints have up-to-date exports, else torch's."""
-    if os.environ.get(ENGINE_ENV, "").lower() == "onnx" or onnx_ready(checkpoint_ref, embedder, device):
-        return OrtDenoiseEngine(checkpoint_ref, threads, tile, overlap, batch_size, ensemble, embedder)
+    """The ORT engine on CPU when both checkpoints have up-to-date exports, else torch's. Each
+    export is looked up (and its files hashed) once, by the engine that loads it."""
+    forced = os.environ.get(ENGINE_ENV, "").lower() == "onnx"
+    if forced or _ort_allowed(device):
+        try:
+            return OrtDenoiseEngine(checkpoint_ref, threads, tile, overlap, batch_size, ensemble, embedder)
+        except FileNotFoundError:  # no up-to-date export of one of the two
+            if forced:
+                raise
     from pipeline.infer import DenoiseEngine
 
     return DenoiseEngine(checkpoint_ref, device=device, threads=threads, tile=tile, overlap=overlap,
