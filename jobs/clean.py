@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from models import checkpoint
-from pipeline import actors, decode, encode, infer, runner, schemas, stages
+from pipeline import actors, decode, encode, infer, ort_engine, runner, schemas, stages
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,20 @@ def build_spec(cfg: CleanConfig, ray_opts: runner.RayOptions) -> runner.JobSpec:
         post=partial(encode.encode_batch, options=enc),
         probe=partial(probe, str(ck_path), cfg.ensemble, emb_path, cfg.regions),
         ray=ray_opts,
+        actor_calls=actor_calls(str(ck_path), emb_path, cfg.device, ray_opts.num_gpus),
         model_info={"name": meta["name"], "checkpoint": ck_path.name, "sha256": meta["sha256"],
                     "steps": meta.get("steps"), "metrics": meta.get("metrics")},
         resolved={**asdict(cfg), "checkpoint": str(ck_path), "quality": enc.resolved_quality()},
     )
+
+
+ORT_CALLS = 2  # concurrent model calls per CPU actor on the ORT engine (see actors.DenoiseActor)
+
+
+def actor_calls(checkpoint_ref: str, embedder: str, device: str, num_gpus: float) -> int:
+    """Model calls a denoise actor runs at once: two on CPU with the ORT engine (its threads split
+    between them), one on a GPU or with the torch engine (one batch fills the device)."""
+    return ORT_CALLS if not num_gpus and ort_engine.onnx_ready(checkpoint_ref, embedder, device) else 1
 
 
 def probe(checkpoint_ref: str, ensemble: int, embedder: str, regions: bool, threads: int) -> float:

@@ -92,6 +92,8 @@ class JobSpec:
     post: Callable[[Batch], Batch]  # CPU: encode
     probe: Callable[[int], float]  # images/s of one actor with N threads (for --dry-run)
     ray: RayOptions = field(default_factory=RayOptions)
+    # model calls one actor runs at once, its threads split between them (see pipeline.actors)
+    actor_calls: int = 1
     model_info: dict[str, Any] = field(default_factory=dict)
     resolved: dict[str, Any] = field(default_factory=dict)  # the resolved config, for the manifest
 
@@ -389,10 +391,14 @@ def build_dataset(spec: JobSpec, plan: Plan, run_id: str, ap: ActorPlan) -> Any:
     ds = ds.map_batches(
         spec.actor_cls,
         fn_constructor_kwargs={**spec.actor_kwargs, "threads": ap.threads, "batch_size": opts.batch_size,
-                               "actor_cpus": ap.cpus, "pool_max": ap.max_size},
+                               "actor_cpus": ap.cpus, "pool_max": ap.max_size,
+                               **({"calls": spec.actor_calls} if spec.actor_calls > 1 else {})},
         # actor pools restart crashed actors and retry their tasks by default (at-least-once;
-        # parts are named by their keys and the publisher drops repeated keys)
-        compute=ActorPoolStrategy(min_size=ap.min_size, max_size=ap.max_size),
+        # parts are named by their keys and the publisher drops repeated keys). Concurrent calls
+        # need true multi-threading: Ray Data otherwise runs one UDF call at a time per actor.
+        compute=ActorPoolStrategy(min_size=ap.min_size, max_size=ap.max_size,
+                                  max_concurrent_calls_per_actor=spec.actor_calls,
+                                  enable_true_multi_threading=spec.actor_calls > 1),
         batch_size=opts.batch_size,
         batch_format="numpy",
         num_cpus=ap.cpus,

@@ -80,3 +80,54 @@ def test_a_cpu_denoise_actor_never_imports_torch(exported: str) -> None:
 def test_shipped_checkpoints_ship_current_exports() -> None:
     for name in ("denoiser-base", "embedder-base"):
         assert export.find(name) is not None, f"run `aejob export-onnx {name}`"
+
+
+def _rows(images: list[np.ndarray], tag: str) -> dict[str, np.ndarray]:
+    """A decoded batch as the CPU stage hands it to the model actor."""
+    def col(values: list[object]) -> np.ndarray:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    return {"key": col([f"{tag}{i}" for i in range(len(images))]), "status": col(["ok"] * len(images)),
+            "kind": col(["item"] * len(images)), "pixels": col([im.tobytes() for im in images]),
+            "height": np.asarray([im.shape[0] for im in images]), "width": np.asarray([im.shape[1] for im in images]),
+            "noise_sigma": np.asarray([20.0] * len(images))}
+
+
+def test_concurrent_calls_of_one_actor_split_its_threads_and_give_sequential_outputs(exported: str) -> None:
+    """`aejob clean` runs two calls of a CPU actor at once (actor_calls): each call's ORT sessions
+    get half the actor's threads, and calls running together give what they give one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jobs.clean import actor_calls
+    from pipeline.actors import DenoiseActor
+
+    assert actor_calls(exported, "embedder-base", "auto", 0) == 2
+    assert actor_calls(exported, "embedder-base", "auto", 1) == 1  # GPU actors: one batch fills the device
+    assert actor_calls(exported, "embedder-base", "cuda", 0) == 1
+    actor = DenoiseActor(exported, threads=2, calls=2)
+    assert isinstance(actor.engine, OrtDenoiseEngine)
+    assert actor.engine.net.session.get_session_options().intra_op_num_threads == 1
+    batches = [_rows([make_image(70 + 8 * j, 60, 10 * b + j, noise=20) for j in range(2)], f"b{b}-") for b in range(6)]
+    alone = [actor({k: v.copy() for k, v in b.items()}) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(actor, [{k: v.copy() for k, v in b.items()} for b in batches]))
+    for a, t in zip(alone, together):
+        assert list(a["key"]) == list(t["key"])
+        assert [bytes(p) for p in a["pixels"]] == [bytes(p) for p in t["pixels"]]
+        assert [bytes(e) for e in a["embedding"]] == [bytes(e) for e in t["embedding"]]
+    # and what the engine gives for those images directly
+    imgs = [np.frombuffer(p, np.uint8).reshape(h, w, 3) for p, h, w in
+            zip(batches[0]["pixels"], batches[0]["height"], batches[0]["width"])]
+    cleaned = actor.engine.clean(imgs, [20.0, 20.0])
+    vecs, _ = actor.engine.vectors(cleaned, True)
+    assert [bytes(p) for p in alone[0]["pixels"]] == [c.tobytes() for c in cleaned]
+    assert [bytes(e) for e in alone[0]["embedding"]] == [v.tobytes() for v in vecs]
+
+
+def test_torch_engine_forced_means_one_call_at_a_time(exported: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.clean import actor_calls
+
+    monkeypatch.setenv("AEJOB_ENGINE", "torch")
+    assert actor_calls(exported, "embedder-base", "auto", 0) == 1
