@@ -34,6 +34,15 @@ def test_actor_plan_leaves_room_for_cpu_stages_and_scales_with_the_cluster() -> 
     assert runner.actor_plan(runner.RayOptions(num_gpus=0.5, num_actors=3), 16, 4).max_size == 3
 
 
+def test_parts_hold_one_model_batch_on_small_object_stores() -> None:
+    """The write stage's bundle still holds decoded pixels: 16-row parts only where the smallest
+    node's object store is roomy (a 150 MiB store stalled behind 26 MB bundles)."""
+    assert runner.part_rows(4, 150 * 2**20) == 4
+    assert runner.part_rows(4, 0) == 4  # unknown: the safe choice
+    assert runner.part_rows(4, 7 * 2**30) == 16
+    assert runner.part_rows(32, 7 * 2**30) == 32  # never below one model batch
+
+
 def test_threads_come_from_the_node_not_the_cluster() -> None:
     # 4 one-CPU actors on a 64-CPU cluster of 16 four-CPU nodes: the actors' own nodes decide
     ap = runner.actor_plan(runner.RayOptions(num_actors=4), cluster_cpus=64)
