@@ -46,9 +46,15 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
-def bare_loop(src: str, checkpoint: str, threads: int, batch_size: int, out: str) -> dict[str, Any]:
+def bare_loop(src: str, checkpoint: str, threads: int, batch_size: int, out: str,
+              workers: int = 1) -> dict[str, Any]:
     """The bare loop over every image of ``src`` in this process; the clock starts before the
-    engine is built (both model loads). Its outputs land in ``out`` after the clock stops."""
+    engine is built (both model loads). Its outputs land in ``out`` after the clock stops.
+
+    ``workers`` > 1: that many Python threads take images in turn, each on ``threads // workers``
+    engine threads (the way the job's actor runs two calls at once): a hand-parallel script."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from jobs.clean import CleanConfig, build_spec
     from pipeline import decode as decode_mod
     from pipeline import runner
@@ -66,17 +72,24 @@ def bare_loop(src: str, checkpoint: str, threads: int, batch_size: int, out: str
     dec_opts = decode_mod.DecodeOptions(max_pixels=cfg.max_pixels)
     enc_opts = EncodeOptions(cfg.format, cfg.quality)
     t = time.perf_counter()
-    eng = denoise_engine(kw["checkpoint_ref"], device="cpu", threads=threads, tile=kw["tile"],
+    eng = denoise_engine(kw["checkpoint_ref"], device="cpu", threads=max(1, threads // workers), tile=kw["tile"],
                          batch_size=batch_size, ensemble=kw["ensemble"], embedder=kw["embedder"])
     setup_s = time.perf_counter() - t
-    outputs: dict[str, bytes] = {}
-    for p in sorted(Path(src).iterdir()):
+
+    def one(p: Path) -> bytes:
         dec = decode_mod.decode_image(p.read_bytes(), dec_opts)
         # auto sigma: estimated per image (the job does it in its CPU decode stage)
         level: Sigma = [estimate_sigma(dec.pixels)] if kw["sigma"] is None else kw["sigma"]
         cleaned = eng.clean([dec.pixels], level)[0]
         eng.vectors([cleaned], kw["regions"])  # full + region vectors, as the actor computes them
-        outputs[p.name] = encode_image(cleaned, enc_opts, dec.exif)
+        return encode_image(cleaned, enc_opts, dec.exif)
+
+    files = sorted(Path(src).iterdir())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            outputs = dict(zip((p.name for p in files), pool.map(one, files)))
+    else:
+        outputs = {p.name: one(p) for p in files}
     seconds = time.perf_counter() - t
     Path(out).mkdir(parents=True, exist_ok=True)
     for name, data in outputs.items():
@@ -130,6 +143,11 @@ def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads
             {"src": str(src), "checkpoint": checkpoint, "threads": threads, "batch_size": batch_size,
              "out": str(work / "bare")})])
         bare = json.loads(text)
+        # the same work by a hand-parallel script (two threads, as the job's actor runs two calls)
+        _, text = _fresh_process(["jobs.bench_pipeline", "bare", json.dumps(
+            {"src": str(src), "checkpoint": checkpoint, "threads": threads, "batch_size": batch_size,
+             "out": str(work / "bare-parallel"), "workers": max(1, min(2, threads))})])
+        parallel = json.loads(text)
         shutil.rmtree(dst, ignore_errors=True)
         job_wall, _ = _fresh_process(["jobs.cli", "clean", str(src), "--out", str(dst), "--checkpoint", checkpoint,
                                       "--threads", str(threads), "--num-actors", str(num_actors),
@@ -141,6 +159,8 @@ def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads
         job_s = round(float(manifest["timings"]["total_s"]) - init_s, 3)
         pairs.append({"bare_seconds": round(bare["seconds"], 3), "job_seconds": job_s,
                       "job_over_bare": round(bare["seconds"] / job_s, 4),
+                      "bare_parallel_seconds": round(parallel["seconds"], 3),
+                      "job_over_bare_parallel": round(parallel["seconds"] / job_s, 4),
                       "bare_setup_s": round(bare["setup_s"], 3), "engine": bare["engine"],
                       "job_first_row_s": round(float(manifest["timings"]["first_row_s"]) - init_s, 3),
                       "job_ray_init_s": init_s,
@@ -178,6 +198,9 @@ def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads
         "job_over_bare": mid["job_over_bare"],
         "job_over_bare_min": ratios[0],
         "job_over_bare_max": ratios[-1],
+        # against the same work in two threads of one process (not the issue's bare loop: context)
+        "bare_parallel_seconds": mid["bare_parallel_seconds"],
+        "job_over_bare_parallel": mid["job_over_bare_parallel"],
         "job_ok_rows": mid["job_rows_ok"],
         "bare_seconds": mid["bare_seconds"],
         "job_seconds": mid["job_seconds"],
@@ -217,15 +240,18 @@ def register(bench_app: typer.Typer) -> None:
             t.add_column(c)
         t.add_row("noisy input", "", f"{r['psnr_noisy']:.2f}")
         t.add_row("bare loop", f"{r['bare_images_per_s']:.2f}", f"{r['psnr_bare']:.2f}")
+        t.add_row("bare loop, 2 threads", f"{r['images'] / r['bare_parallel_seconds']:.2f}", "")
         t.add_row("aejob clean (Ray)", f"{r['job_images_per_s']:.2f}", f"{r['psnr_job']:.2f}")
         t.add_row("job / bare", f"{r['job_over_bare']:.2f} (pairs {r['job_over_bare_min']:.2f}–"
                   f"{r['job_over_bare_max']:.2f})", "")
+        t.add_row("job / bare, 2 threads", f"{r['job_over_bare_parallel']:.2f}", "")
         Console().print(t)
 
 
 if __name__ == "__main__":  # one bare loop in a fresh process (bench_pipeline runs it so)
     if len(sys.argv) == 3 and sys.argv[1] == "bare":
         a = json.loads(sys.argv[2])
-        print(json.dumps(bare_loop(a["src"], a["checkpoint"], a["threads"], a["batch_size"], a["out"])))
+        print(json.dumps(bare_loop(a["src"], a["checkpoint"], a["threads"], a["batch_size"], a["out"],
+                                   int(a.get("workers", 1)))))
     else:
         raise SystemExit("usage: python -m jobs.bench_pipeline bare JSON")
