@@ -470,7 +470,7 @@ def run_job(spec: JobSpec, progress: bool = True) -> JobResult:
             ap = actor_plan(spec.ray, cpus, gpus)
             resources = {"actors_min": ap.min_size, "actors_max": ap.max_size, "actor_cpus": ap.cpus,
                          "threads": ap.threads or "per node", "num_gpus": spec.ray.num_gpus,
-                         "cluster_cpus": cpus, "cluster_gpus": gpus}
+                         "cluster_cpus": cpus, "cluster_gpus": gpus, "actor_calls": spec.actor_calls}
             log.info("actors: %s", resources)
             ds = build_dataset(spec, plan, run_id, ap)
             status, reason = _drain(ds, commit, spec, plan.units, progress, t0, curve, marks)

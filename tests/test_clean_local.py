@@ -55,6 +55,7 @@ def test_clean_folder_every_input_once(image_folder: Path, tmp_path: Path, tiny_
     assert m["counts"]["rows_ok"] == 5 and m["counts"]["rows_error"] == 1
     assert m["counts"]["skipped_files"] == 1  # notes.txt
     assert m["model"]["sha256"] == got["a.png"]["checkpoint_sha256"]
+    assert m["ray"]["actor_calls"] == 1  # no ONNX export beside the tiny checkpoint: torch, one call
     # DuckDB and a plain Parquet schema read agree: one row per key, explicit types
     n, distinct = duckdb.sql(f"select count(*), count(distinct key) from read_parquet('{dst}/*.parquet')").fetchall()[0]
     assert n == distinct == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ def test_demo_command_writes_report(tmp_path: Path) -> None:
     gains = [float(line.split("cleaned ")[1].split(" dB")[0]) - float(line.split("noisy ")[1].split(" dB")[0])
              for line in res.output.splitlines() if "-> cleaned" in line]
     assert len(gains) == 5 and min(gains) > 3.0, res.output
+    # the shipped checkpoints have ONNX exports: CPU actors ran two model calls at once
+    manifest = json.loads((tmp_path / "demo" / "cleaned" / "_manifest.json").read_text())
+    assert manifest["ray"]["actor_calls"] == 2
 
 
 def test_shipped_denoiser_denoises_and_does_no_harm() -> None:
