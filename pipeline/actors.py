@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -110,7 +111,8 @@ class DenoiseActor(_ModelActor):
     ends every operator by spin-waiting for its second thread, and beside the CPU stages' process
     that thread is often descheduled (CBSD68 model work beside a single-threaded load at 48%
     duty: 14.0 s and 23.4 CPU-s for one 2-thread call at a time, 12.0 s and 20.9 CPU-s for two
-    1-thread calls). The engine has no per-call state, so concurrent calls are safe.
+    1-thread calls). The engine has no per-call state, so concurrent calls are safe. With fewer
+    threads than calls (many actors on a node), only ``threads`` calls run the model at once.
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class DenoiseActor(_ModelActor):
         self.regions = regions
         self.calls = max(1, calls)
         per_call = max(1, self.threads // self.calls)
+        self.parallel = max(1, min(self.calls, self.threads))  # calls in the model at once
+        self._slots = threading.BoundedSemaphore(self.parallel)
         self.engine = denoise_engine(checkpoint_ref, device=device, threads=per_call, tile=tile,
                                      batch_size=batch_size, ensemble=ensemble, embedder=embedder)
         self._torch_threads = not isinstance(self.engine, OrtDenoiseEngine)  # rechecked: torch only
@@ -153,8 +157,9 @@ class DenoiseActor(_ModelActor):
             sigma: Sigma = self.sigma
             if sigma is None and "noise_sigma" in batch:  # auto: the CPU stage already estimated it
                 sigma = [float(batch["noise_sigma"][i]) for i in idx]
-            cleaned = self.engine.clean([pixels_of(batch, i) for i in idx], sigma)
-            vecs, reg = self.engine.vectors(cleaned, self.regions)
+            with self._slots:
+                cleaned = self.engine.clean([pixels_of(batch, i) for i in idx], sigma)
+                vecs, reg = self.engine.vectors(cleaned, self.regions)
             for j, i in enumerate(idx):
                 pixels[i] = cleaned[j].tobytes()
                 emb[i] = vecs[j].tobytes()  # bytes in flight: Ray's tensor columns reject nulls

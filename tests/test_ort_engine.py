@@ -106,8 +106,10 @@ def test_concurrent_calls_of_one_actor_split_its_threads_and_give_sequential_out
     assert actor_calls(exported, "embedder-base", "auto", 0) == 2
     assert actor_calls(exported, "embedder-base", "auto", 1) == 1  # GPU actors: one batch fills the device
     assert actor_calls(exported, "embedder-base", "cuda", 0) == 1
+    one_thread = DenoiseActor(exported, threads=1, calls=2)  # many actors on a node: no oversubscription
+    assert one_thread.parallel == 1 and one_thread.engine.net.session.get_session_options().intra_op_num_threads == 1
     actor = DenoiseActor(exported, threads=2, calls=2)
-    assert isinstance(actor.engine, OrtDenoiseEngine)
+    assert isinstance(actor.engine, OrtDenoiseEngine) and actor.parallel == 2
     assert actor.engine.net.session.get_session_options().intra_op_num_threads == 1
     batches = [_rows([make_image(70 + 8 * j, 60, 10 * b + j, noise=20) for j in range(2)], f"b{b}-") for b in range(6)]
     alone = [actor({k: v.copy() for k, v in b.items()}) for b in batches]
