@@ -117,6 +117,7 @@ def median_pair(pairs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads: int,
                    out_dir: str, num_actors: int = 1, batch_size: int = 4, repeats: int = 3) -> dict[str, Any]:
+    from jobs.clean import ORT_CALLS
     from models.data import list_images, load_rgb
     from models.metrics import psnr_uint8 as _psnr
     from models.noise import add_awgn_uint8
@@ -134,20 +135,20 @@ def bench_pipeline(data: str, sigma: float, limit: int, checkpoint: str, threads
         Image.fromarray(add_awgn_uint8(clean, sigma, seed=1000 + i)).save(src / p.name)
     n = len(files)
 
+    def bare_run(out: str, workers: int) -> tuple[float, dict[str, Any]]:
+        wall, text = _fresh_process(["jobs.bench_pipeline", "bare", json.dumps(
+            {"src": str(src), "checkpoint": checkpoint, "threads": threads, "batch_size": batch_size,
+             "out": str(work / out), "workers": workers})])
+        return wall, json.loads(text)
+
     pairs: list[dict[str, Any]] = []
     dst = work / "out"
     for r in range(repeats):
         # bare loop then job, each in a fresh process: neither inherits the other's warm caches
         # (oneDNN primitives, a running Ray), and every job starts its own local Ray as a user's does
-        bare_wall, text = _fresh_process(["jobs.bench_pipeline", "bare", json.dumps(
-            {"src": str(src), "checkpoint": checkpoint, "threads": threads, "batch_size": batch_size,
-             "out": str(work / "bare")})])
-        bare = json.loads(text)
-        # the same work by a hand-parallel script (two threads, as the job's actor runs two calls)
-        _, text = _fresh_process(["jobs.bench_pipeline", "bare", json.dumps(
-            {"src": str(src), "checkpoint": checkpoint, "threads": threads, "batch_size": batch_size,
-             "out": str(work / "bare-parallel"), "workers": max(1, min(2, threads))})])
-        parallel = json.loads(text)
+        bare_wall, bare = bare_run("bare", 1)
+        # the same work by a hand-parallel script (as many threads as the job's actor runs calls)
+        _, parallel = bare_run("bare-parallel", max(1, min(ORT_CALLS, threads)))
         shutil.rmtree(dst, ignore_errors=True)
         job_wall, _ = _fresh_process(["jobs.cli", "clean", str(src), "--out", str(dst), "--checkpoint", checkpoint,
                                       "--threads", str(threads), "--num-actors", str(num_actors),
