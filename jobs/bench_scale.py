@@ -98,7 +98,9 @@ def memory_per_key(work: Path, sizes: tuple[int, int], checkpoint: str) -> dict[
         r = _driver(["clean", str(src), "--out", str(dst), "--format", "png", "--checkpoint", checkpoint,
                      "--batch-size", "64"], work, f"clean-{n}")
         manifest = json.loads((dst / "_manifest.json").read_text())
-        runs[n] = {"inputs": n, "peak_rss_bytes": r["peak_rss_bytes"], "driver_wchar": r["wchar"],
+        runs[n] = {"inputs": n, "peak_rss_bytes": r["peak_rss_bytes"],
+                   "peak_rss_private_bytes": r["peak_rss_private_bytes"],
+                   "peak_rss_shmem_bytes": r["peak_rss_shmem_bytes"], "driver_wchar": r["wchar"],
                    "dst_bytes": _dst_bytes(dst), "list_s": manifest["timings"]["list_s"],
                    "rows_per_s": manifest["timings"]["rows_per_s"], "seconds": r["wall_s"],
                    "rows_ok": manifest["counts"]["rows_ok"], "generate_s": round(gen_s, 1)}
@@ -106,7 +108,9 @@ def memory_per_key(work: Path, sizes: tuple[int, int], checkpoint: str) -> dict[
         shutil.rmtree(dst, ignore_errors=True)
     a, b = sizes
     per_key = (runs[b]["peak_rss_bytes"] - runs[a]["peak_rss_bytes"]) / (b - a)
-    return {"runs": list(runs.values()), "bytes_per_key": per_key}
+    # the same without the object-store (/dev/shm) pages the driver touched: node memory, not its own
+    private = (runs[b]["peak_rss_private_bytes"] - runs[a]["peak_rss_private_bytes"]) / (b - a)
+    return {"runs": list(runs.values()), "bytes_per_key": per_key, "private_bytes_per_key": private}
 
 
 def _key_list(path: Path, n: int) -> None:
@@ -195,6 +199,9 @@ def register(bench_app: typer.Typer) -> None:
                 t.add_row(f"{run['inputs']:,} inputs: driver peak RSS / list s / rows/s",
                           f"{run['peak_rss_bytes'] / 2**20:.0f} MiB / {run['list_s']:.1f} / {run['rows_per_s']:.0f}")
             t.add_row("driver bytes per key (peak RSS growth)", f"{r['memory']['bytes_per_key']:.1f}")
+            if "private_bytes_per_key" in r["memory"]:
+                t.add_row("  the same without object-store pages (RssAnon + RssFile)",
+                          f"{r['memory']['private_bytes_per_key']:.1f}")
         if "planning" in r:
             for p in r["planning"]["runs"]:
                 t.add_row(f"--dry-run over {p['keys']:,} keys: peak RSS / listing s",

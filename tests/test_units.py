@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,3 +166,55 @@ def test_noise_estimate_matches_scikit_image_without_importing_it() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_recent_stats_keeps_the_last_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "STATS_BLOCKS_KEPT", 4)
+    kept = runner.RecentStats()
+    for i in range(50):
+        kept.append(i)
+        assert len(kept) <= 8
+    kept.extend(range(50, 53))
+    assert kept[-4:] == [49, 50, 51, 52] and len(kept) <= 8
+
+
+def test_ray_data_block_stats_are_bounded_in_the_driver(ray_local: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real Ray Data run after cap_block_stats: every map operator's per-block stats stay bounded
+    (Ray Data would keep one per output block), and the run and its stats summary still work."""
+    import ray
+    from ray.data._internal.execution.operators.map_operator import MapOperator
+
+    monkeypatch.setattr(runner, "STATS_BLOCKS_KEPT", 3)
+    runner.cap_block_stats()
+    runner.cap_block_stats()  # idempotent: not wrapped twice
+    lengths: list[int] = []
+    get_stats = MapOperator.get_stats
+
+    def spy(self: MapOperator) -> Any:
+        lengths.append(len(self._output_blocks_stats))
+        return get_stats(self)
+
+    monkeypatch.setattr(MapOperator, "get_stats", spy)
+    ds = ray.data.range(60, override_num_blocks=30).map_batches(lambda b: {"id": b["id"] * 2}, batch_size=2)
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == [2 * i for i in range(60)]
+    assert "MapBatches" in ds.stats()
+    assert lengths and 1 <= max(lengths) <= 6
+
+
+def test_driver_malloc_tuning_applies_on_glibc() -> None:
+    import platform
+    import subprocess
+    import sys
+
+    from pipeline import malloc
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    # in a fresh process, so this test run's own arenas are left alone
+    code = ("from pipeline import malloc; import threading; assert malloc.limit_arenas(); "
+            "ts = [threading.Thread(target=lambda: [bytearray(1000) for _ in range(1000)]) for _ in range(8)]; "
+            "[t.start() for t in ts]; [t.join() for t in ts]; assert malloc.release(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "ok", out.stderr
+    assert malloc.release()
