@@ -17,30 +17,29 @@ import threading
 import time
 
 
-def read_io() -> dict[str, int]:
+def _proc_numbers(path: str) -> dict[str, int]:
+    """The numeric ``name: value [kB]`` lines of a /proc file, in bytes where given in kB."""
     out = {}
     try:
-        with open("/proc/self/io") as f:
+        with open(path) as f:
             for line in f:
                 k, _, v = line.partition(":")
-                out[k.strip()] = int(v)
+                first = v.split()[:1]
+                if first and first[0].isdigit():
+                    out[k.strip()] = int(first[0]) * (1024 if v.rstrip().endswith("kB") else 1)
     except OSError:  # not Linux
         pass
     return out
+
+
+def read_io() -> dict[str, int]:
+    return _proc_numbers("/proc/self/io")
 
 
 def rss_parts() -> dict[str, int]:
     """``RssAnon``, ``RssFile`` and ``RssShmem`` of /proc/self/status, in bytes."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("RssAnon", "RssFile", "RssShmem"):
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:  # not Linux
-        pass
-    return out
+    status = _proc_numbers("/proc/self/status")
+    return {k: status[k] for k in ("RssAnon", "RssFile", "RssShmem") if k in status}
 
 
 class PeakSampler:

@@ -218,3 +218,17 @@ def test_driver_malloc_tuning_applies_on_glibc() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "ok", out.stderr
     assert malloc.release()
+
+
+def test_driver_io_peak_sampler_sees_private_memory() -> None:
+    from jobs import driver_io
+
+    if not driver_io.rss_parts():
+        pytest.skip("no /proc/self/status")
+    peaks = driver_io.PeakSampler(every_s=0.05)
+    before = peaks.private
+    block = bytearray(64 << 20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    peaks.sample()
+    assert peaks.private >= before + (60 << 20)
+    assert peaks.shmem >= 0 and driver_io.read_io()["wchar"] >= 0
