@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -19,21 +20,16 @@ log = logging.getLogger(__name__)
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 DRIVER_ARENAS = 2
 
-_libc: ctypes.CDLL | None = None
-_looked = False
 
-
+@functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
-    global _libc, _looked
-    if not _looked:
-        _looked = True
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim"):
-                _libc = lib
-        except OSError as e:
-            log.debug("no C library to tune: %s", e)
-    return _libc
+    """The C library if it has glibc's ``mallopt`` and ``malloc_trim``; looked up once."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError as e:
+        log.debug("no C library to tune: %s", e)
+        return None
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
 
 
 def limit_arenas(arenas: int = DRIVER_ARENAS) -> bool:
